@@ -1,0 +1,133 @@
+"""Typed configuration: dataclasses are the schema, YAML presets in this folder fill them in, and
+dotted `key=value` overrides come last. An unknown or mistyped key fails with an error naming it.
+
+    cfg = load_config("tiny", ["model.hidden_size=256", "spec.fps=8"])
+    save_config(cfg, run_dir / "config.yaml")  # next to every checkpoint
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from selfflow.tokenizers.spec import ClipSpec
+
+PRESET_DIR = Path(__file__).resolve().parent
+TEXT_TOKENIZERS = ("byte", "sentencepiece", "encoder")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the joint transformer (selfflow.models.mmdit.MMDiTParams less derived sizes)."""
+
+    hidden_size: int = 192
+    num_heads: int = 4
+    depth_double: int = 2  # double-stream blocks (separate text / media weights)
+    depth_single: int = 2  # single-stream blocks (shared weights)
+    mlp_ratio: float = 4.0  # SwiGLU hidden width / hidden_size
+    axes_dim: tuple[int, int, int, int] = (12, 12, 12, 12)  # rotary dims of (t, h, w, l), sum = head dim
+    qkv_bias: bool = True
+    rope_theta: float = 10_000.0
+    attn_backend: str = "sdpa"  # sdpa | auto | flash | xformers
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class TextConfig:
+    tokenizer: str = "byte"  # byte | sentencepiece | encoder (a frozen transformers text encoder)
+    path: str = ""  # sentencepiece .model file, or a local transformers encoder directory
+    max_len: int = 64  # captions are padded / truncated to this many tokens
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in TEXT_TOKENIZERS:
+            raise ConfigError(f"text.tokenizer {self.tokenizer!r} is not one of {TEXT_TOKENIZERS}")
+        if self.tokenizer != "byte" and not self.path:
+            raise ConfigError(f"text.tokenizer={self.tokenizer} needs text.path")
+        if self.max_len < 2:
+            raise ConfigError(f"text.max_len must be >= 2, got {self.max_len}")
+
+
+@dataclass
+class CodecConfig:
+    """Per modality: `identity` (pixels / waveform) or a local diffusers autoencoder directory."""
+
+    image: str = "identity"
+    video: str = "identity"
+    audio: str = "identity"
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    spec: ClipSpec = field(default_factory=ClipSpec)
+    text: TextConfig = field(default_factory=TextConfig)
+    codecs: CodecConfig = field(default_factory=CodecConfig)
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """A preset name (`tiny`) or a YAML path -> the YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"config {name_or_path!r} not found (presets: {', '.join(presets)})")
+    return path
+
+
+def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Schema defaults <- YAML preset <- `key=value` overrides, validated into a Config."""
+    path = preset_path(name_or_path)
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(Config), OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides))
+        )
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path.name}: {_describe(e)}") from None
+    except (TypeError, ValueError) as e:  # __post_init__ checks of the dataclasses (e.g. ClipSpec)
+        raise ConfigError(f"{path.name}: {e}") from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    first = str(e).splitlines()[0]
+    if type(e).__name__ == "ConfigKeyError" and key:
+        return f"unknown config key '{key}'"
+    return f"bad value for '{key}': {first}" if key else first
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(config_to_yaml(cfg))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

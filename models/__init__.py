@@ -1,0 +1,1 @@
+"""Models: the time convention (flow), the joint transformer (mmdit) and its parts."""

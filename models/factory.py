@@ -1,0 +1,43 @@
+"""Build the transformer from a resolved Config: the architecture comes from `cfg.model`, the token
+widths from the clip spec, the text input size from the text tokenizer or encoder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from selfflow.configs.schema import Config, TextConfig
+from selfflow.models.mmdit import MMDiT, MMDiTParams
+from selfflow.tokenizers.spec import MODALITIES
+
+
+def text_input_size(text: TextConfig) -> tuple[int, int]:
+    """(vocab size, feature dim): exactly one is non-zero."""
+    if text.tokenizer == "encoder":
+        config_file = Path(text.path) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"text encoder config not found: {config_file}")
+        enc = json.loads(config_file.read_text())
+        return 0, int(enc.get("d_model") or enc["hidden_size"])
+    from selfflow.tokenizers.text import build_text_tokenizer
+
+    return build_text_tokenizer(text.tokenizer, text.path or None).vocab_size, 0
+
+
+def model_params(cfg: Config) -> MMDiTParams:
+    vocab, feature_dim = text_input_size(cfg.text)
+    return MMDiTParams(
+        **asdict(cfg.model),
+        media_channels={m: cfg.spec.token_dim(m) for m in MODALITIES},
+        txt_vocab_size=vocab,
+        txt_feature_dim=feature_dim,
+    )
+
+
+def build_model(cfg: Config, device: str | torch.device = "cpu") -> MMDiT:
+    """The model on `device`; "meta" builds it without allocating (for sizing)."""
+    with torch.device(device):
+        return MMDiT(model_params(cfg))

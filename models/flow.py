@@ -1,0 +1,109 @@
+"""The one place for the time convention of rectified flow (Self-Flow §3.1, Eq. 1-2).
+
+    t = 0 is data, t = 1 is noise.
+    x_t = (1 - t) * x0 + t * eps,   eps ~ N(0, I)
+    velocity v = dx_t/dt = eps - x0
+
+Everything else (objectives, samplers, metrics) imports from here; nothing re-implements the
+interpolant. Consequences of the convention that other modules rely on:
+
+* the cleaner of two levels is the *smaller* one, so the Self-Flow teacher sees min(t, s);
+* a sampler integrates from t = 1 to t = 0, i.e. x_{t - dt} = x_t - dt * v;
+* a shift alpha > 1 moves mass towards noise (SD3 / FLUX convention).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+TIMESTEP_KINDS = ("uniform", "logit_normal")
+
+
+def expand_time(t: Tensor, x: Tensor) -> Tensor:
+    """Broadcast levels t ([B] per sample, or [B, L] per token) against x [B, L, ...] or [B, ...]."""
+    if t.dim() > x.dim() or t.shape != x.shape[: t.dim()]:
+        raise ValueError(f"time of shape {tuple(t.shape)} does not lead the data shape {tuple(x.shape)}")
+    return t.reshape(*t.shape, *([1] * (x.dim() - t.dim()))).to(x.dtype)
+
+
+def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) x0 + t eps. t is per sample [B] or per token [B, L] (Self-Flow Eq. 5)."""
+    t = expand_time(t, x0)
+    return (1.0 - t) * x0 + t * noise
+
+
+def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
+    """Regression target of the velocity head: eps - x0, the same for every level."""
+    return noise - x0
+
+
+def predict_data(x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
+    """x0 estimate from a velocity prediction: x0 = x_t - t v."""
+    return x_t - expand_time(t, x_t) * velocity
+
+
+def predict_noise(x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
+    """eps estimate from a velocity prediction: eps = x_t + (1 - t) v."""
+    return x_t + (1.0 - expand_time(t, x_t)) * velocity
+
+
+def cleaner_level(t: Tensor, s: Tensor) -> Tensor:
+    """The less noisy of two levels. With t = 1 as noise this is min(t, s) (Self-Flow §3.4)."""
+    return torch.minimum(t, s)
+
+
+def shift_time(t: Tensor, alpha: float) -> Tensor:
+    """Timestep shift s(alpha, t) = alpha t / (1 + (alpha - 1) t) (SD3 Eq. 23; Self-Flow App. A).
+
+    Keeps 0 and 1 fixed; alpha > 1 moves levels towards noise. A logit-normal(mu, sigma) shifted by
+    alpha is logit-normal(mu + log alpha, sigma).
+    """
+    if alpha <= 0:
+        raise ValueError(f"shift alpha must be > 0, got {alpha}")
+    return alpha * t / (1.0 + (alpha - 1.0) * t)
+
+
+@dataclass(frozen=True)
+class TimestepDist:
+    """Training distribution p(t) of noise levels.
+
+    kind: "uniform" (U(0, 1)) or "logit_normal" (sigmoid of N(mu, sigma)); shift: alpha applied
+    after sampling (1.0 = none).
+    """
+
+    kind: str = "uniform"
+    mu: float = 0.0
+    sigma: float = 1.0
+    shift: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in TIMESTEP_KINDS:
+            raise ValueError(f"unknown timestep distribution {self.kind!r}; expected one of {TIMESTEP_KINDS}")
+        if self.sigma <= 0 or self.shift <= 0:
+            raise ValueError(f"sigma and shift must be > 0, got sigma={self.sigma} shift={self.shift}")
+
+    def sample(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
+    ) -> Tensor:
+        """Draw float32 levels in [0, 1] of the given shape."""
+        if self.kind == "uniform":
+            t = torch.rand(shape, generator=generator, device=device)
+        else:
+            z = torch.randn(shape, generator=generator, device=device)
+            t = torch.sigmoid(self.mu + self.sigma * z)
+        return t if self.shift == 1.0 else shift_time(t, self.shift)
+
+    def cdf(self, t: Tensor) -> Tensor:
+        """P(T <= t), used by tests to pin the distribution."""
+        u = t if self.shift == 1.0 else shift_time(t, 1.0 / self.shift)  # the shift's inverse is 1/alpha
+        if self.kind == "uniform":
+            return u.clamp(0.0, 1.0)
+        logit = torch.log(u) - torch.log1p(-u)
+        return 0.5 * (1.0 + torch.erf((logit - self.mu) / (self.sigma * math.sqrt(2.0))))

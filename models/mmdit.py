@@ -1,0 +1,237 @@
+"""The joint multimodal transformer (FLUX / MMDiT style) trained with Self-Flow.
+
+One shared network for every modality: per-modality input/output projections and a learned
+modality embedding are the only modality-specific parts. Text is a second stream that conditions
+through joint attention. Media tokens carry their own noise level (per-token adaLN-Zero, Self-Flow
+§3.3), so one sample may mix two levels; the modulation is computed for the distinct levels of a
+sample and gathered per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from selfflow.models.attention import check_backend
+from selfflow.models.blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock
+from selfflow.models.layers import EmbedND, Modulation, TimestepEmbedder, distinct_levels
+
+N_AXES = 4  # rotary axes (t, h, w, l); see selfflow.tokenizers.spec
+
+
+@dataclass(frozen=True)
+class MMDiTParams:
+    hidden_size: int
+    num_heads: int
+    depth_double: int
+    depth_single: int
+    mlp_ratio: float
+    axes_dim: tuple[int, ...]  # rotary dims per axis (t, h, w, l); sums to the head dim
+    media_channels: dict[str, int] = field(default_factory=dict)  # modality -> token channels
+    txt_vocab_size: int = 0  # > 0: text ids with embeddings learned from scratch
+    txt_feature_dim: int = 0  # > 0: features of a frozen external text encoder
+    qkv_bias: bool = True
+    rope_theta: float = 10_000.0
+    attn_backend: str = "sdpa"
+    grad_checkpointing: bool = False
+
+    @property
+    def depth(self) -> int:
+        return self.depth_double + self.depth_single
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+@dataclass
+class MMDiTOutput:
+    velocity: dict[str, Tensor] | None  # modality -> [B, L_m, C_m]; None after an early stop
+    hidden: dict[int, Tensor]  # block number (1-indexed over all blocks) -> media hidden [B, L, D]
+
+
+class MMDiT(nn.Module):
+    def __init__(self, params: MMDiTParams) -> None:
+        super().__init__()
+        _validate(params)
+        self.params = p = params
+        d = p.hidden_size
+        self.media_in = nn.ModuleDict({m: nn.Linear(c, d) for m, c in p.media_channels.items()})
+        self.modality_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(d)) for m in p.media_channels})
+        self.txt_in = (
+            nn.Embedding(p.txt_vocab_size, d) if p.txt_vocab_size else nn.Linear(p.txt_feature_dim, d)
+        )
+        self.null_txt = nn.Parameter(torch.zeros(d))  # the caption-dropped (CFG) text token
+        self.time_in = TimestepEmbedder(d)
+        self.pe = EmbedND(p.axes_dim, p.rope_theta)
+        # Shared modulation (FLUX.2): one adaLN projection per stream type, reused by every block.
+        self.img_mod, self.txt_mod, self.single_mod = Modulation(d, 2), Modulation(d, 2), Modulation(d, 1)
+        blk = (d, p.num_heads, p.mlp_hidden, p.qkv_bias, p.attn_backend)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(*blk) for _ in range(p.depth_double))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(*blk) for _ in range(p.depth_single))
+        self.final = FinalLayer(d, dict(p.media_channels))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # DiT init: xavier for the transformer and input projections, N(0, 0.02) for embeddings;
+        # modulation and output layers stay zero (adaLN-Zero: every block starts as the identity).
+        for module in [*self.double_blocks, *self.single_blocks, self.media_in, self.txt_in]:
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+        for w in [*self.modality_embed.values(), self.null_txt]:
+            nn.init.normal_(w, std=0.02)
+        if isinstance(self.txt_in, nn.Embedding):
+            nn.init.normal_(self.txt_in.weight, std=0.02)
+        for m in self.time_in.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(
+        self,
+        media: dict[str, Tensor],  # modality -> tokens [B, L_m, C_m], concatenated in this order
+        media_ids: Tensor,  # [L, 4] or [B, L, 4] positions (t, h, w, l) of the concatenated media
+        t: Tensor,  # [B] one level per sample, [B, L] per token, or [B, K] levels with t_index
+        txt: Tensor,  # [B, Lt] token ids, or [B, Lt, F] frozen-encoder features
+        *,
+        t_index: Tensor | None = None,  # [B, L] long: level of each media token in t [B, K]
+        txt_t: Tensor | None = None,  # [B] level the text stream is modulated with (default: t [B])
+        txt_mask: Tensor | None = None,  # [B, Lt] bool, True = real token
+        drop_txt: Tensor | None = None,  # [B] bool: replace the caption by the null caption (CFG)
+        return_hidden: Sequence[int] = (),
+        stop_after: int | None = None,  # run blocks 1..stop_after only, return hidden states only
+    ) -> MMDiTOutput:
+        img, lengths = self._embed_media(media)
+        levels, index = self._levels(t, t_index, img.shape[1])
+        if txt_t is None:
+            if levels.shape[1] != 1:
+                raise ValueError("per-token levels need an explicit txt_t for the text stream")
+            txt_t = levels[:, 0]
+        txt_h, mask = self._embed_text(txt, txt_mask, drop_txt)
+        pe = self.pe(_joint_ids(txt_h.shape[1], media_ids, img.shape[0]))
+        vec = self.time_in(torch.cat([txt_t[:, None], levels], dim=1))  # [B, 1 + K, D]
+        img, hidden = self._run_blocks(img, txt_h, vec, index, pe, mask, return_hidden, stop_after)
+        if stop_after is not None:
+            return MMDiTOutput(None, hidden)
+        return MMDiTOutput(self.final(img, vec[:, 1:], index, lengths), hidden)
+
+    def _embed_media(self, media: dict[str, Tensor]) -> tuple[Tensor, dict[str, int]]:
+        unknown = set(media) - set(self.media_in)
+        if unknown or not media:
+            raise ValueError(f"media modalities {sorted(media)} not in the model's {sorted(self.media_in)}")
+        parts = [self.media_in[m](x) + self.modality_embed[m] for m, x in media.items()]
+        return torch.cat(parts, dim=1), {m: x.shape[1] for m, x in media.items()}
+
+    def _levels(self, t: Tensor, t_index: Tensor | None, length: int) -> tuple[Tensor, Tensor | None]:
+        """Normalise the three accepted forms of t to (levels [B, K], index [B, L] or None if K == 1)."""
+        if t_index is not None:
+            if t.dim() != 2 or t_index.shape != (t.shape[0], length):
+                raise ValueError(f"t_index {tuple(t_index.shape)} needs t [B, K] and {length} media tokens")
+            return t, t_index
+        if t.dim() == 1:
+            return t[:, None], None
+        if t.shape[1] != length:
+            raise ValueError(f"per-token t has {t.shape[1]} levels for {length} media tokens")
+        levels, index = distinct_levels(t)
+        return levels, index if levels.shape[1] > 1 else None
+
+    def _embed_text(
+        self, txt: Tensor, txt_mask: Tensor | None, drop_txt: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        if (txt.dim() == 2) != bool(self.params.txt_vocab_size):
+            kind = "ids [B, Lt]" if self.params.txt_vocab_size else "features [B, Lt, F]"
+            raise ValueError(f"this model takes text {kind}, got a tensor of shape {tuple(txt.shape)}")
+        h = self.txt_in(txt)  # [B, Lt, D]
+        if drop_txt is not None:
+            drop = drop_txt.view(-1, 1, 1)
+            h = torch.where(drop, self.null_txt.to(h.dtype), h)
+            if txt_mask is not None:  # a dropped caption reveals nothing, not even its length
+                txt_mask = txt_mask | drop_txt.view(-1, 1)
+        return h, txt_mask
+
+    def _run_blocks(
+        self,
+        img: Tensor,  # [B, L, D]
+        txt: Tensor,  # [B, Lt, D]
+        vec: Tensor,  # [B, 1 + K, D]: text level first, then the media levels
+        index: Tensor | None,  # [B, L] media level of each token, None if K == 1
+        pe: tuple[Tensor, Tensor],
+        txt_mask: Tensor | None,
+        return_hidden: Sequence[int],
+        stop_after: int | None,
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        _check_taps(return_hidden, stop_after, self.params.depth)
+        b, lt, n = img.shape[0], txt.shape[1], img.shape[1]
+        mask = None
+        if txt_mask is not None:
+            mask = torch.cat([txt_mask, txt_mask.new_ones(b, n)], dim=1)[:, None, None, :]
+        media_index = index + 1 if index is not None else vec.new_ones(b, n, dtype=torch.long)
+        joint_index = torch.cat([media_index.new_zeros(b, lt), media_index], dim=1)  # [B, Lt + L]
+        img_mod, txt_mod = self.img_mod(vec[:, 1:], index), self.txt_mod(vec[:, :1], None)
+        (single_mod,) = self.single_mod(vec, joint_index)
+        hidden, last = {}, stop_after or self.params.depth
+        for i, block in enumerate(self.double_blocks, start=1):
+            img, txt = self._call(block, img, txt, img_mod, txt_mod, pe, mask)
+            if i in return_hidden:
+                hidden[i] = img
+            if i == last:
+                return img, hidden
+        x = torch.cat([txt, img], dim=1)
+        for i, block in enumerate(self.single_blocks, start=self.params.depth_double + 1):
+            x = self._call(block, x, single_mod, pe, mask)
+            if i in return_hidden:
+                hidden[i] = x[:, lt:]
+            if i == last:
+                break
+        return x[:, lt:], hidden
+
+    def _call(self, block: nn.Module, *args):  # noqa: ANN202 - returns whatever the block returns
+        if self.params.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+def _validate(p: MMDiTParams) -> None:
+    if p.hidden_size % p.num_heads:
+        raise ValueError(f"hidden_size {p.hidden_size} is not divisible by num_heads {p.num_heads}")
+    head_dim = p.hidden_size // p.num_heads
+    if len(p.axes_dim) != N_AXES or sum(p.axes_dim) != head_dim or any(a % 2 for a in p.axes_dim):
+        raise ValueError(
+            f"axes_dim {p.axes_dim} must be {N_AXES} even sizes summing to the head dim {head_dim}"
+        )
+    if p.depth < 1 or p.depth_double < 0 or p.depth_single < 0:
+        raise ValueError(f"bad depths: double={p.depth_double} single={p.depth_single}")
+    if not p.media_channels or any(c <= 0 for c in p.media_channels.values()):
+        raise ValueError(f"media_channels must map each modality to a positive size, got {p.media_channels}")
+    if bool(p.txt_vocab_size) == bool(p.txt_feature_dim):
+        raise ValueError(
+            "set exactly one of txt_vocab_size (learned embeddings) and txt_feature_dim (encoder)"
+        )
+    if p.mlp_ratio <= 0:
+        raise ValueError(f"mlp_ratio must be > 0, got {p.mlp_ratio}")
+    check_backend(p.attn_backend)
+
+
+def _check_taps(return_hidden: Sequence[int], stop_after: int | None, depth: int) -> None:
+    last = depth if stop_after is None else stop_after
+    if not 1 <= last <= depth:
+        raise ValueError(f"stop_after={stop_after} outside blocks 1..{depth}")
+    bad = [i for i in return_hidden if not 1 <= i <= last]
+    if bad:
+        raise ValueError(f"hidden states {bad} requested outside blocks 1..{last}")
+
+
+def _joint_ids(txt_len: int, media_ids: Tensor, batch: int) -> Tensor:
+    """Positions of [text; media]: text tokens count along the l axis, media ids come from the tokenizers."""
+    if media_ids.dim() == 2:
+        media_ids = media_ids.unsqueeze(0)
+    txt_ids = torch.zeros(1, txt_len, N_AXES, dtype=media_ids.dtype, device=media_ids.device)
+    txt_ids[..., N_AXES - 1] = torch.arange(txt_len, device=media_ids.device)
+    txt_ids = txt_ids.expand(media_ids.shape[0], -1, -1)
+    return torch.cat([txt_ids, media_ids], dim=1).expand(batch, -1, -1)

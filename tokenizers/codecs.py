@@ -1,0 +1,109 @@
+"""Codecs between media and the latents the transformer models, one interface for every modality.
+
+`IdentityCodec` models pixels / waveforms directly (the default; exact round trip). A diffusers
+autoencoder loaded from a local directory serves users who have autoencoder weights: AutoencoderKL
+for images and video (frame by frame) and AutoencoderOobleck for audio. Codecs are frozen: never in
+the optimizer, never in the trainable checkpoint.
+
+Every codec exposes `latent_channels`, `space_stride` (pixels per latent pixel), `time_stride`
+(video frames, or audio samples, per latent step), `encode` and `decode`, which map channels-first
+media to channels-first latents of the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from selfflow.tokenizers.spec import ClipSpec
+
+SUPPORTED_AUTOENCODERS = {"AutoencoderKL": ("image", "video"), "AutoencoderOobleck": ("audio",)}
+
+
+class IdentityCodec(nn.Module):
+    """Latents are the media themselves."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.latent_channels, self.space_stride, self.time_stride = channels, 1, 1
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z
+
+
+class DiffusersAutoencoder(nn.Module):
+    """A frozen diffusers autoencoder from a local directory (`config.json` + weights), no download.
+
+    Latents are normalised as (mode - shift_factor) * scaling_factor, the autoencoder's own
+    convention; decode undoes it.
+    """
+
+    def __init__(self, path: str | Path, modality: str) -> None:
+        super().__init__()
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no autoencoder config at {config_file}")
+        config = json.loads(config_file.read_text())
+        name = config.get("_class_name")
+        if modality not in SUPPORTED_AUTOENCODERS.get(name, ()):
+            raise ValueError(f"{name!r} at {path} is not a supported {modality} autoencoder")
+        import diffusers  # local import: diffusers takes seconds to import
+
+        self.ae = getattr(diffusers, name).from_pretrained(str(path)).eval().requires_grad_(False)
+        self.modality = modality
+        self.scale = float(config.get("scaling_factor") or 1.0)
+        self.shift = float(config.get("shift_factor") or 0.0)
+        if name == "AutoencoderKL":
+            self.latent_channels = config["latent_channels"]
+            self.space_stride, self.time_stride = 2 ** (len(config["block_out_channels"]) - 1), 1
+        else:
+            self.latent_channels = config["decoder_input_channels"]
+            self.space_stride, self.time_stride = 1, int(torch.tensor(config["downsampling_ratios"]).prod())
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        frames = x.shape[2] if self.modality == "video" else 0
+        if frames:
+            x = rearrange(x, "b c t h w -> (b t) c h w")
+        z = (self.ae.encode(x).latent_dist.mode() - self.shift) * self.scale
+        return rearrange(z, "(b t) c h w -> b c t h w", t=frames) if frames else z
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        frames = z.shape[2] if self.modality == "video" else 0
+        if frames:
+            z = rearrange(z, "b c t h w -> (b t) c h w")
+        x = self.ae.decode(z / self.scale + self.shift).sample
+        return rearrange(x, "(b t) c h w -> b c t h w", t=frames) if frames else x
+
+
+Codec = IdentityCodec | DiffusersAutoencoder
+
+
+def build_codec(source: str, modality: str, spec: ClipSpec) -> Codec:
+    """`identity`, or a local directory holding a diffusers autoencoder; checked against the spec."""
+    pixel_channels = spec.audio_channels if modality == "audio" else spec.video_channels
+    codec = IdentityCodec(pixel_channels) if source == "identity" else DiffusersAutoencoder(source, modality)
+    check_codec(codec, modality, spec)
+    return codec
+
+
+def check_codec(codec: Codec, modality: str, spec: ClipSpec) -> None:
+    """The spec's codec geometry must match the codec, or token counts would silently be wrong."""
+    want = {
+        "image": (spec.image_latent_channels, spec.space_stride, 1),
+        "video": (spec.video_latent_channels, spec.space_stride, spec.time_stride),
+        "audio": (spec.audio_latent_channels, 1, spec.audio_stride),
+    }[modality]
+    have = (codec.latent_channels, codec.space_stride, codec.time_stride)
+    if have != want:
+        raise ValueError(
+            f"{modality} codec has (channels, space, time stride) {have}; the clip spec says {want}"
+        )

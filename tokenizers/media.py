@@ -1,0 +1,54 @@
+"""Media <-> token sequences for any set of modalities: codec, then patches, then one packed sequence.
+
+Modalities are data here, not code paths: a sample is a dict {modality: tensor} (an image-only
+sample has {"image": ...}, a joint clip {"video": ..., "audio": ...}), and the transformer sees the
+tokens of all of them, concatenated in dict order, with their position ids.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from selfflow.tokenizers.audio import AudioPatchifier
+from selfflow.tokenizers.codecs import Codec, IdentityCodec, check_codec
+from selfflow.tokenizers.image import ImagePatchifier
+from selfflow.tokenizers.spec import MODALITIES, ClipSpec
+from selfflow.tokenizers.video import VideoPatchifier
+
+Patchifier = ImagePatchifier | VideoPatchifier | AudioPatchifier
+
+
+class MediaTokenizer:
+    """Codecs + patchifiers for every modality of one clip spec."""
+
+    def __init__(self, spec: ClipSpec, codecs: dict[str, Codec] | None = None) -> None:
+        self.spec = spec
+        self.patchifiers: dict[str, Patchifier] = {
+            "image": ImagePatchifier(spec),
+            "video": VideoPatchifier(spec),
+            "audio": AudioPatchifier(spec),
+        }
+        default = {
+            m: IdentityCodec(spec.audio_channels if m == "audio" else spec.video_channels) for m in MODALITIES
+        }
+        self.codecs = {**default, **(codecs or {})}
+        for m, codec in self.codecs.items():
+            check_codec(codec, m, spec)
+
+    def token_channels(self) -> dict[str, int]:
+        """Token width per modality, what the transformer's input/output projections need."""
+        return {m: self.spec.token_dim(m) for m in MODALITIES}
+
+    def position_ids(self, modalities: list[str]) -> Tensor:
+        """[L, 4] positions of the packed sequence of these modalities, in this order."""
+        return torch.cat([self.patchifiers[m].position_ids() for m in modalities])
+
+    def encode(self, media: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        """{modality: media} -> ({modality: tokens [B, L_m, C_m]}, ids [L, 4])."""
+        tokens = {m: self.patchifiers[m].patchify(self.codecs[m].encode(x)) for m, x in media.items()}
+        return tokens, self.position_ids(list(media))
+
+    def decode(self, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{modality: tokens} -> {modality: media}."""
+        return {m: self.codecs[m].decode(self.patchifiers[m].unpatchify(z)) for m, z in tokens.items()}
