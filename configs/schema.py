@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from selfflow.tokenizers.spec import ClipSpec
@@ -90,28 +90,30 @@ def preset_path(name_or_path: str | Path) -> Path:
 def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Schema defaults <- YAML preset <- `key=value` overrides, validated into a Config."""
     path = preset_path(name_or_path)
+    merged = _merge(OmegaConf.structured(Config), OmegaConf.load(path), path.name, None)
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), "override", item.split("=", 1)[0])
     try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(Config), OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides))
-        )
         cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path.name}: {_describe(e)}") from None
     except (TypeError, ValueError) as e:  # __post_init__ checks of the dataclasses (e.g. ClipSpec)
         raise ConfigError(f"{path.name}: {e}") from None
     assert isinstance(cfg, Config)
     return cfg
 
 
-def _describe(e: OmegaConfBaseException) -> str:
-    key = getattr(e, "full_key", None)
-    first = str(e).splitlines()[0]
-    if type(e).__name__ == "ConfigKeyError" and key:
-        return f"unknown config key '{key}'"
-    return f"bad value for '{key}': {first}" if key else first
+def _merge(base: DictConfig, update: DictConfig, source: str, key: str | None) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or key
+        first = str(e).splitlines()[0]
+        if type(e).__name__ == "ConfigKeyError" and key:
+            raise ConfigError(f"{source}: unknown config key '{key}'") from None
+        raise ConfigError(
+            f"{source}: bad value for '{key}': {first}" if key else f"{source}: {first}"
+        ) from None
 
 
 def config_to_yaml(cfg: Config) -> str:

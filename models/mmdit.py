@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -191,7 +192,7 @@ class MMDiT(nn.Module):
                 break
         return x[:, lt:], hidden
 
-    def _call(self, block: nn.Module, *args):  # noqa: ANN202 - returns whatever the block returns
+    def _call(self, block: nn.Module, *args: Any) -> Any:  # the block's own output
         if self.params.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)

@@ -1,0 +1,128 @@
+"""Typed configs, YAML presets, dotted overrides, the saved resolved config, and tools/model_info.py."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfflow.configs import ConfigError, load_config, save_config
+from selfflow.configs.schema import PRESET_DIR
+from selfflow.models.factory import build_model
+from selfflow.tools.model_info import alignment_layers, report, training_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def n_params(cfg) -> int:
+    return sum(p.numel() for p in build_model(cfg, "meta").parameters())
+
+
+def test_presets_exist_and_have_their_sizes():
+    assert {"tiny", "small", "base", "4b"} <= set(PRESETS)
+    sizes = {name: n_params(load_config(name)) for name in ("tiny", "small", "base", "4b")}
+    assert 1e6 <= sizes["tiny"] <= 1e7
+    assert 20e6 <= sizes["small"] <= 50e6
+    assert 0.8e9 <= sizes["base"] <= 1.5e9
+    assert 3.8e9 <= sizes["4b"] <= 4.2e9
+
+
+def test_4b_architecture_is_the_documented_one():
+    m = load_config("4b").model
+    assert (m.hidden_size, m.num_heads, m.depth_double, m.depth_single, m.mlp_ratio) == (3072, 24, 5, 20, 3.0)
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config("tiny", ["model.hidden_size=256", "spec.fps=4", "spec.video_patch=[2,8,8]", "seed=7"])
+    assert cfg.model.hidden_size == 256 and cfg.spec.fps == 4.0 and cfg.seed == 7
+    assert cfg.spec.video_patch == (2, 8, 8) and cfg.spec.tokens("video") == 2 * 4 * 4
+    assert load_config(PRESET_DIR / "tiny.yaml") == load_config("tiny")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.hiden_size=3", "unknown config key 'model.hiden_size'"),
+        ("nope=1", "unknown config key 'nope'"),
+        ("model.hidden_size=big", "bad value for 'model.hidden_size'"),
+        ("spec.video_patch=[1,8]", "bad value for 'spec.video_patch'"),
+        ("model.hidden_size", "not of the form key=value"),
+        ("spec.fps=7.5", "duration \\* fps"),
+        ("text.tokenizer=wordpiece", "text.tokenizer"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config("tiny", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden_size: 64\n  depth_dobule: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.depth_dobule'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="presets: .*tiny"):
+        load_config("tinyy")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config("small", ["model.grad_checkpointing=true", "text.max_len=32"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert path.is_file() and not list(path.parent.glob(".*tmp"))
+    assert load_config(path) == cfg
+
+
+def test_alignment_layers_follow_the_paper():
+    assert alignment_layers(28) == (8, 20)  # SiT-XL/2: student block 8, teacher block 20
+    assert alignment_layers(12) == (4, 8)
+    assert alignment_layers(4) == (1, 3)
+
+
+def test_training_flops_are_consistent():
+    cfg = load_config("tiny")
+    model = build_model(cfg, "meta").eval()
+    f = training_flops(model, cfg, ("video", "audio"))
+    assert 2.8 < f["student_fwd_bwd"] / f["student_fwd"] < 3.3  # backward ~ 2x forward
+    _, k = alignment_layers(model.params.depth)
+    assert f["teacher_fwd"] < f["student_fwd"] and f["total"] == f["student_fwd_bwd"] + f["teacher_fwd"]
+    # 2 * params * tokens lower-bounds the dense part of a forward
+    n_tokens = cfg.spec.tokens("video") + cfg.spec.tokens("audio")
+    block_params = sum(p.numel() for b in model.single_blocks for p in b.parameters())
+    assert f["student_fwd"] > 2 * block_params * (n_tokens + cfg.text.max_len)
+    assert "params: " in report(cfg)
+
+
+def test_model_info_cli():
+    run = subprocess.run(
+        [sys.executable, "tools/model_info.py", "configs/tiny.yaml"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    (line,) = [x for x in run.stdout.splitlines() if x.startswith("params:")]
+    assert re.fullmatch(r"params: \d+", line) and int(line.split()[1]) == n_params(load_config("tiny"))
+    assert "tokens per modality" in run.stdout and "teacher fwd" in run.stdout
+    bad = subprocess.run(
+        [sys.executable, "tools/model_info.py", "tiny", "model.nope=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "unknown config key 'model.nope'" in bad.stderr
+
+
+def test_smoke_forward_demo_runs():
+    run = subprocess.run(
+        [sys.executable, "tools/smoke_forward.py", "--config", "tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (
+        "velocity -> video (1, 3, 8, 32, 32)" in run.stdout
+        and "velocity -> audio (1, 1, 16000)" in run.stdout
+    )
