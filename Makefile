@@ -46,7 +46,7 @@ format: venv
 	$(VENV)/bin/ruff format .
 
 test: setup lint
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q
 
 # Until the sampling demo exists, the smallest end-to-end path: size the tiny preset, then push a
 # synthetic text + video + audio clip through tokenizers -> joint transformer -> back to media.

@@ -227,3 +227,20 @@ def test_rope_depends_only_on_relative_position():
 
     torch.testing.assert_close(scores(0.0), scores(123.0), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(scores(0.0), q @ k.transpose(-1, -2), atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "flash", "xformers"])
+def test_cuda_backends_match_sdpa(tiny_cfg, backend):
+    from selfflow.models.attention import backend_available
+
+    if not backend_available(backend):
+        pytest.skip(f"{backend} not installed")
+    media, ids, txt = joint_batch(tiny_cfg)
+    media, ids, txt = {m: x.cuda().bfloat16() for m, x in media.items()}, ids.cuda(), txt.cuda()
+    t, outs = torch.rand(2, device="cuda"), []
+    for name in ("sdpa", backend):
+        model = randomize(MMDiT(replace(_tiny_params(tiny_cfg), attn_backend=name))).cuda().bfloat16().eval()
+        outs.append(model(media, ids, t, txt).velocity)
+    for m in media:
+        torch.testing.assert_close(outs[0][m].float(), outs[1][m].float(), atol=2e-2, rtol=2e-2)

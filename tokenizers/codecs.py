@@ -5,9 +5,10 @@ autoencoder loaded from a local directory serves users who have autoencoder weig
 for images and video (frame by frame) and AutoencoderOobleck for audio. Codecs are frozen: never in
 the optimizer, never in the trainable checkpoint.
 
-Every codec exposes `latent_channels`, `space_stride` (pixels per latent pixel), `time_stride`
-(video frames, or audio samples, per latent step), `encode` and `decode`, which map channels-first
-media to channels-first latents of the same layout.
+Every codec exposes `in_channels` (pixel / waveform channels), `latent_channels`, `space_stride`
+(pixels per latent pixel), `time_stride` (video frames, or audio samples, per latent step), `encode`
+and `decode`, which map channels-first media to channels-first latents of the same layout.
+AutoencoderKL's optional per-channel `latents_mean` / `latents_std` are not applied (not yet needed).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class IdentityCodec(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.latent_channels, self.space_stride, self.time_stride = channels, 1, 1
+        self.in_channels, self.latent_channels, self.space_stride, self.time_stride = channels, channels, 1, 1
 
     def encode(self, x: Tensor) -> Tensor:
         return x
@@ -58,12 +59,14 @@ class DiffusersAutoencoder(nn.Module):
 
         self.ae = getattr(diffusers, name).from_pretrained(str(path)).eval().requires_grad_(False)
         self.modality = modality
-        self.scale = float(config.get("scaling_factor") or 1.0)
-        self.shift = float(config.get("shift_factor") or 0.0)
+        scale, shift = config.get("scaling_factor"), config.get("shift_factor")
+        self.scale = 1.0 if scale is None else float(scale)
+        self.shift = 0.0 if shift is None else float(shift)
         if name == "AutoencoderKL":
-            self.latent_channels = config["latent_channels"]
+            self.in_channels, self.latent_channels = config["in_channels"], config["latent_channels"]
             self.space_stride, self.time_stride = 2 ** (len(config["block_out_channels"]) - 1), 1
         else:
+            self.in_channels = config["audio_channels"]
             self.latent_channels = config["decoder_input_channels"]
             self.space_stride, self.time_stride = 1, int(torch.tensor(config["downsampling_ratios"]).prod())
 
@@ -98,12 +101,11 @@ def build_codec(source: str, modality: str, spec: ClipSpec) -> Codec:
 def check_codec(codec: Codec, modality: str, spec: ClipSpec) -> None:
     """The spec's codec geometry must match the codec, or token counts would silently be wrong."""
     want = {
-        "image": (spec.image_latent_channels, spec.space_stride, 1),
-        "video": (spec.video_latent_channels, spec.space_stride, spec.time_stride),
-        "audio": (spec.audio_latent_channels, 1, spec.audio_stride),
+        "image": (spec.video_channels, spec.image_latent_channels, spec.space_stride, 1),
+        "video": (spec.video_channels, spec.video_latent_channels, spec.space_stride, spec.time_stride),
+        "audio": (spec.audio_channels, spec.audio_latent_channels, 1, spec.audio_stride),
     }[modality]
-    have = (codec.latent_channels, codec.space_stride, codec.time_stride)
+    have = (codec.in_channels, codec.latent_channels, codec.space_stride, codec.time_stride)
     if have != want:
-        raise ValueError(
-            f"{modality} codec has (channels, space, time stride) {have}; the clip spec says {want}"
-        )
+        what = "(channels, latent channels, space stride, time stride)"
+        raise ValueError(f"{modality} codec has {what} {have}; the clip spec says {want}")

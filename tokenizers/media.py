@@ -29,12 +29,17 @@ class MediaTokenizer:
             "video": VideoPatchifier(spec),
             "audio": AudioPatchifier(spec),
         }
-        default = {
-            m: IdentityCodec(spec.audio_channels if m == "audio" else spec.video_channels) for m in MODALITIES
-        }
-        self.codecs = {**default, **(codecs or {})}
+        self.codecs: dict[str, Codec] = dict(codecs or {})
         for m, codec in self.codecs.items():
             check_codec(codec, m, spec)
+
+    def codec(self, modality: str) -> Codec:
+        """The modality's codec; identity unless one was given (checked against the spec on first use)."""
+        if modality not in self.codecs:
+            pixels = self.spec.audio_channels if modality == "audio" else self.spec.video_channels
+            check_codec(IdentityCodec(pixels), modality, self.spec)
+            self.codecs[modality] = IdentityCodec(pixels)
+        return self.codecs[modality]
 
     def token_channels(self) -> dict[str, int]:
         """Token width per modality, what the transformer's input/output projections need."""
@@ -46,9 +51,9 @@ class MediaTokenizer:
 
     def encode(self, media: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """{modality: media} -> ({modality: tokens [B, L_m, C_m]}, ids [L, 4])."""
-        tokens = {m: self.patchifiers[m].patchify(self.codecs[m].encode(x)) for m, x in media.items()}
+        tokens = {m: self.patchifiers[m].patchify(self.codec(m).encode(x)) for m, x in media.items()}
         return tokens, self.position_ids(list(media))
 
     def decode(self, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
         """{modality: tokens} -> {modality: media}."""
-        return {m: self.codecs[m].decode(self.patchifiers[m].unpatchify(z)) for m, z in tokens.items()}
+        return {m: self.codec(m).decode(self.patchifiers[m].unpatchify(z)) for m, z in tokens.items()}

@@ -100,8 +100,10 @@ class ClipSpec:
         return _divide(frames, self.audio_patch, "audio latent frames / audio patch")
 
     def tokens(self, modality: str) -> int:
-        grid = {"image": self.image_grid, "video": self.video_grid, "audio": (self.audio_grid,)}[modality]
-        return math.prod(grid)
+        grids = {"image": self.image_grid, "video": self.video_grid, "audio": (self.audio_grid,)}
+        if modality not in grids:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+        return math.prod(grids[modality])
 
     def token_dim(self, modality: str) -> int:
         """Channels of one token: latent channels times patch volume."""

@@ -1,0 +1,218 @@
+"""Codecs: tiny diffusers autoencoders (random weights, saved to a temporary directory, no download)
+loaded back as frozen codecs, their latent normalisation, and their agreement with the clip spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfflow.tokenizers.codecs import DiffusersAutoencoder, IdentityCodec, build_codec, check_codec
+from selfflow.tokenizers.media import MediaTokenizer
+from selfflow.tokenizers.spec import ClipSpec
+from selfflow.tokenizers.video import VideoPatchifier
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------- codecs
+@pytest.fixture(scope="module")
+def ae_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import diffusers
+
+    root = tmp_path_factory.mktemp("autoencoders")
+    torch.manual_seed(0)
+    kl = diffusers.AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        scaling_factor=0.5,
+        shift_factor=0.25,
+    )
+    kl.save_pretrained(root / "ae")
+    oobleck = diffusers.AutoencoderOobleck(
+        encoder_hidden_size=8,
+        downsampling_ratios=[2, 4],
+        channel_multiples=[1, 2],
+        decoder_channels=8,
+        decoder_input_channels=4,
+        audio_channels=1,
+        sampling_rate=16000,
+    )
+    oobleck.save_pretrained(root / "oobleck")
+    return {"kl": root / "ae", "oobleck": root / "oobleck"}
+
+
+@pytest.fixture(scope="module")
+def codecs(ae_dirs: dict[str, Path]) -> dict[str, DiffusersAutoencoder]:
+    return {
+        "image": DiffusersAutoencoder(ae_dirs["kl"], "image"),
+        "video": DiffusersAutoencoder(ae_dirs["kl"], "video"),
+        "audio": DiffusersAutoencoder(ae_dirs["oobleck"], "audio"),
+    }
+
+
+# 0.5 s at 8 fps = 4 frames of 16x16 -> latents 4 x 8 x 8; audio 8000 samples -> 1000 latent frames
+CODEC_SPEC = ClipSpec(
+    duration=0.5,
+    fps=8,
+    height=16,
+    width=16,
+    image_height=16,
+    image_width=16,
+    image_latent_channels=4,
+    video_latent_channels=4,
+    audio_latent_channels=4,
+    space_stride=2,
+    audio_stride=8,
+    image_patch=4,
+    video_patch=(1, 4, 4),
+    audio_patch=40,
+)
+
+
+def test_codec_spec_geometry() -> None:
+    assert CODEC_SPEC.image_grid == (2, 2)
+    assert CODEC_SPEC.video_grid == (4, 2, 2)
+    assert CODEC_SPEC.audio_grid == 25
+    assert CODEC_SPEC.token_dim("video") == 4 * 16
+    assert CODEC_SPEC.token_dim("audio") == 4 * 40
+    assert CODEC_SPEC.audio_token_ticks == 2.0  # 40 latent frames * 8 samples = 320 samples = 20 ms
+
+
+def test_kl_image_codec(ae_dirs: dict[str, Path], codecs: dict[str, DiffusersAutoencoder]) -> None:
+    import diffusers
+
+    codec = codecs["image"]
+    assert (codec.latent_channels, codec.space_stride, codec.time_stride) == (4, 2, 1)
+    assert codec.scale == 0.5 and codec.shift == 0.25
+    params = list(codec.parameters())
+    assert params and not any(p.requires_grad for p in params)
+    assert not codec.ae.training
+
+    x = randn(2, 3, 16, 16).clamp(-1, 1).requires_grad_(True)
+    z = codec.encode(x)
+    assert z.shape == (2, 4, 8, 8)
+    assert not z.requires_grad
+    assert torch.equal(z, codec.encode(x))  # the mode, not a sample
+
+    raw = diffusers.AutoencoderKL.from_pretrained(str(ae_dirs["kl"])).eval()
+    with torch.no_grad():
+        mode = raw.encode(x).latent_dist.mode()
+        torch.testing.assert_close(z, (mode - 0.25) * 0.5, rtol=0, atol=1e-6)
+        assert not torch.allclose(z, mode, atol=1e-3)
+        y = codec.decode(z)
+        assert y.shape == x.shape
+        torch.testing.assert_close(y, raw.decode(z / 0.5 + 0.25).sample, rtol=0, atol=1e-6)
+
+
+def test_kl_video_codec_is_frame_wise(codecs: dict[str, DiffusersAutoencoder]) -> None:
+    video, image = codecs["video"], codecs["image"]
+    assert (video.latent_channels, video.space_stride, video.time_stride) == (4, 2, 1)
+    x = randn(2, 3, 3, 16, 16, seed=5).clamp(-1, 1)
+    z = video.encode(x)
+    assert z.shape == (2, 4, 3, 8, 8)
+    for t in range(3):
+        torch.testing.assert_close(z[:, :, t], image.encode(x[:, :, t]), rtol=0, atol=1e-5)
+    # frames are not mixed up across the batch: sample 1 frame 2 alone gives the same latent
+    torch.testing.assert_close(z[1:2, :, 2], image.encode(x[1:2, :, 2]), rtol=0, atol=1e-5)
+    y = video.decode(z)
+    assert y.shape == x.shape
+    for t in range(3):
+        torch.testing.assert_close(y[:, :, t], image.decode(z[:, :, t]), rtol=0, atol=1e-5)
+
+
+def test_oobleck_audio_codec(ae_dirs: dict[str, Path], codecs: dict[str, DiffusersAutoencoder]) -> None:
+    import diffusers
+
+    codec = codecs["audio"]
+    assert (codec.latent_channels, codec.space_stride, codec.time_stride) == (4, 1, 8)
+    assert codec.scale == 1.0 and codec.shift == 0.0
+    params = list(codec.parameters())
+    assert params and not any(p.requires_grad for p in params)
+    x = randn(2, 1, 1600, seed=6)
+    z = codec.encode(x)
+    assert z.shape == (2, 4, 200)
+    assert torch.equal(z, codec.encode(x))
+    raw = diffusers.AutoencoderOobleck.from_pretrained(str(ae_dirs["oobleck"])).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(z, raw.encode(x).latent_dist.mode(), rtol=0, atol=1e-6)
+    assert codec.decode(z).shape == x.shape
+
+
+def test_media_tokenizer_with_autoencoders(codecs: dict[str, DiffusersAutoencoder]) -> None:
+    tok = MediaTokenizer(CODEC_SPEC, codecs=dict(codecs))
+    media = {
+        "image": randn(2, 3, 16, 16, seed=7).clamp(-1, 1),
+        "video": randn(2, 3, 4, 16, 16, seed=8).clamp(-1, 1),
+        "audio": randn(2, 1, 8000, seed=9),
+    }
+    tokens, ids = tok.encode(media)
+    for m in media:
+        assert tokens[m].shape == (2, CODEC_SPEC.tokens(m), CODEC_SPEC.token_dim(m)), m
+    assert ids.shape == (sum(CODEC_SPEC.tokens(m) for m in media), 4)
+    # the video tokens are the patchified latents
+    latents = codecs["video"].encode(media["video"])
+    assert torch.equal(tokens["video"], VideoPatchifier(CODEC_SPEC).patchify(latents))
+    out = tok.decode(tokens)
+    for m, x in media.items():
+        assert out[m].shape == x.shape, m
+        assert torch.isfinite(out[m]).all()
+
+
+def test_build_codec(ae_dirs: dict[str, Path]) -> None:
+    codec = build_codec(str(ae_dirs["kl"]), "video", CODEC_SPEC)
+    assert isinstance(codec, DiffusersAutoencoder) and codec.modality == "video"
+    audio = build_codec(str(ae_dirs["oobleck"]), "audio", CODEC_SPEC)
+    assert audio.time_stride == 8
+    identity = build_codec("identity", "audio", ClipSpec(audio_channels=2, audio_latent_channels=2))
+    assert isinstance(identity, IdentityCodec) and identity.latent_channels == 2
+    assert build_codec("identity", "image", ClipSpec()).latent_channels == 3
+    with pytest.raises(ValueError, match="video codec"):
+        build_codec(str(ae_dirs["kl"]), "video", ClipSpec())  # identity geometry vs a stride-2 AE
+
+
+def test_mismatched_spec_is_rejected(codecs: dict[str, DiffusersAutoencoder]) -> None:
+    with pytest.raises(ValueError, match="video codec"):
+        check_codec(codecs["video"], "video", ClipSpec())
+    with pytest.raises(ValueError, match="audio codec"):
+        check_codec(codecs["audio"], "audio", ClipSpec())
+    wrong_stride = ClipSpec(**{**CODEC_SPEC.__dict__, "audio_stride": 4})
+    with pytest.raises(ValueError, match=r"audio codec has .*\(1, 4, 1, 8\).*\(1, 4, 1, 4\)"):
+        MediaTokenizer(wrong_stride, codecs=dict(codecs))
+    wrong_channels = ClipSpec(**{**CODEC_SPEC.__dict__, "video_latent_channels": 8})
+    with pytest.raises(ValueError, match="video codec"):
+        MediaTokenizer(wrong_channels, codecs=dict(codecs))
+    # identity codecs against a spec that expects an autoencoder's geometry: refused on first use
+    with pytest.raises(ValueError, match="video codec"):
+        MediaTokenizer(CODEC_SPEC).encode({"video": randn(1, 3, 4, 16, 16)})
+    # a mono autoencoder cannot serve a stereo spec
+    stereo = ClipSpec(**{**CODEC_SPEC.__dict__, "audio_channels": 2})
+    with pytest.raises(ValueError, match=r"audio codec has .*\(1, 4, 1, 8\).*\(2, 4, 1, 8\)"):
+        check_codec(codecs["audio"], "audio", stereo)
+
+
+def test_video_audio_tokenizer_needs_no_image_codec(codecs: dict[str, DiffusersAutoencoder]) -> None:
+    tok = MediaTokenizer(CODEC_SPEC, codecs={"video": codecs["video"], "audio": codecs["audio"]})
+    tokens, ids = tok.encode({"video": randn(1, 3, 4, 16, 16), "audio": randn(1, 1, 8000)})
+    assert ids.shape[0] == sum(x.shape[1] for x in tokens.values())
+    check_codec(IdentityCodec(3), "video", ClipSpec())  # and the matching case passes
+
+
+def test_autoencoder_load_errors(ae_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        DiffusersAutoencoder(tmp_path / "missing", "image")
+    with pytest.raises(FileNotFoundError):
+        build_codec(str(tmp_path / "missing"), "video", CODEC_SPEC)
+    with pytest.raises(ValueError, match="AutoencoderKL"):
+        DiffusersAutoencoder(ae_dirs["kl"], "audio")
+    with pytest.raises(ValueError, match="AutoencoderOobleck"):
+        DiffusersAutoencoder(ae_dirs["oobleck"], "image")
+    with pytest.raises(ValueError, match="AutoencoderOobleck"):
+        DiffusersAutoencoder(ae_dirs["oobleck"], "video")
