@@ -5,8 +5,8 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
 EXTRAS     ?= dev
-# Debian packages the project uses (fonts for text-rendered images, ffmpeg/sox for media tools).
-APT_PKGS   := fonts-dejavu-core ffmpeg sox
+# Debian packages the project uses (fonts for text-rendered images; later issues add espeak-ng, tesseract, ...).
+APT_PKGS   := fonts-dejavu-core
 STAMP      := $(VENV)/.installed-$(EXTRAS)
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
