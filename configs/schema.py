@@ -16,10 +16,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from selfflow.models.flow import TimestepDist
 from selfflow.tokenizers.spec import ClipSpec
 
 PRESET_DIR = Path(__file__).resolve().parent
 TEXT_TOKENIZERS = ("byte", "sentencepiece", "encoder")
+OBJECTIVES = ("vanilla", "dts_only", "self_flow", "sra", "repa")
+TASKS = ("image", "video", "audio", "av")
 
 
 class ConfigError(ValueError):
@@ -66,6 +69,34 @@ class CodecConfig:
     audio: str = "identity"
 
 
+def _default_timesteps() -> dict[str, TimestepDist]:
+    return {task: TimestepDist() for task in TASKS}
+
+
+@dataclass
+class ObjectiveConfig:
+    """Training objective (selfflow.training.objectives). Self-Flow defaults follow the paper (App. A)."""
+
+    name: str = "self_flow"  # vanilla | dts_only | self_flow | sra | repa
+    gamma: float = -1.0  # weight of the representation loss; < 0: the objective's default (0.8 / 0.5 / 0.5)
+    mask_ratio: dict[str, float] = field(default_factory=lambda: {"image": 0.25, "video": 0.1, "audio": 0.5})
+    timesteps: dict[str, TimestepDist] = field(default_factory=_default_timesteps)  # p(t) per task
+    caption_dropout: float = 0.1  # CFG; the same decision for student and teacher
+    sra_max_gap: float = 0.2  # SRA teacher level: t - U(0, gap)
+    student_layer: int = 0  # 0: round(0.3 depth)
+    teacher_layer: int = 0  # 0: round(0.7 depth)
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ConfigError(f"objective.name {self.name!r} is not one of {OBJECTIVES}")
+        missing = set(TASKS) - set(self.timesteps)
+        if missing:
+            raise ConfigError(f"objective.timesteps lacks tasks {sorted(missing)}")
+        bad = {m: r for m, r in self.mask_ratio.items() if not 0.0 <= r <= 1.0}
+        if bad or not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"mask ratios {bad} / caption_dropout {self.caption_dropout} outside [0, 1)")
+
+
 @dataclass
 class Config:
     name: str = "tiny"
@@ -74,6 +105,7 @@ class Config:
     spec: ClipSpec = field(default_factory=ClipSpec)
     text: TextConfig = field(default_factory=TextConfig)
     codecs: CodecConfig = field(default_factory=CodecConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 def preset_path(name_or_path: str | Path) -> Path:

@@ -12,7 +12,8 @@ import pytest
 from selfflow.configs import ConfigError, load_config, save_config
 from selfflow.configs.schema import PRESET_DIR
 from selfflow.models.factory import build_model
-from selfflow.tools.model_info import alignment_layers, report, training_flops
+from selfflow.tools.model_info import report, training_flops
+from selfflow.training.objectives import alignment_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))

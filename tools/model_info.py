@@ -12,7 +12,6 @@ teacher's forward truncated after block k = round(0.7 depth).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections import Counter
 
@@ -22,13 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from selfflow.configs import Config, ConfigError, load_config
 from selfflow.models.factory import build_model
 from selfflow.models.mmdit import MMDiT
+from selfflow.training.objectives import alignment_layers
 
 TASKS = {"image": ("image",), "video": ("video",), "audio": ("audio",), "av": ("video", "audio")}
-
-
-def alignment_layers(depth: int) -> tuple[int, int]:
-    """Self-Flow's student / teacher blocks: round(0.3 depth), round(0.7 depth), halves rounded up."""
-    return max(1, math.floor(0.3 * depth + 0.5)), max(1, math.floor(0.7 * depth + 0.5))
 
 
 def params_by_component(model: MMDiT) -> dict[str, int]:
