@@ -41,7 +41,7 @@ def _check_decay(decay: float) -> float:
 
 
 class EMA:
-    """A frozen copy of `model` tracking `ema = decay * ema + (1 - decay) * param` after each step.
+    """A frozen copy of `model` that moves towards `param` by a fraction 1 - decay after each step.
 
     `dtype` (e.g. torch.float32 for a bf16 model) sets the floating-point dtype of the copy; the
     averaging is done in that dtype. Buffers are copied, not averaged. The copy is in eval mode, never
