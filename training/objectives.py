@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from selfflow.configs.schema import ObjectiveConfig
 from selfflow.models import flow
 from selfflow.models.heads import ProjectorHead, REPAProjector
-from selfflow.models.mmdit import MMDiT
+from selfflow.models.mmdit import MMDiT, MMDiTOutput
 
 DEFAULT_GAMMA = {"vanilla": 0.0, "dts_only": 0.0, "self_flow": 0.8, "sra": 0.5, "repa": 0.5}
 
@@ -159,14 +159,38 @@ def _output(
     return ObjectiveOutput(loss, levels, metrics)
 
 
+def _student_forward(
+    models: Models,
+    batch: Batch,
+    eps: dict,
+    levels: Tensor,
+    drop: Tensor,
+    index: Tensor | None = None,
+    hidden: tuple[int, ...] = (),
+) -> MMDiTOutput:
+    """The student on the batch noised at levels [B] (or [B, K] with a per-token index [B, L]); its text
+    stream is modulated with the base level t = levels[:, 0]."""
+    tau = levels if index is None else levels.gather(1, index)  # [B] or [B, L]
+    txt_t = None if index is None else levels[:, 0]
+    return models.student(
+        _noised(batch.media, eps, tau),
+        batch.ids,
+        levels,
+        batch.txt,
+        t_index=index,
+        txt_t=txt_t,
+        txt_mask=batch.txt_mask,
+        drop_txt=drop,
+        return_hidden=hidden,
+    )
+
+
 # ---------------------------------------------------------------- the objectives
 
 
 def vanilla(models: Models, batch: Batch, gen: torch.Generator, cfg: ObjectiveConfig) -> ObjectiveOutput:
     t, eps, drop = _common_draws(batch, gen, cfg)
-    out = models.student(
-        _noised(batch.media, eps, t), batch.ids, t, batch.txt, txt_mask=batch.txt_mask, drop_txt=drop
-    )
+    out = _student_forward(models, batch, eps, t, drop)
     return _output("vanilla", cfg, velocity_mse(out.velocity, batch.media, eps), None, t[:, None])
 
 
@@ -192,17 +216,7 @@ def _dual_timestep(
     levels, index = torch.stack([t, s], dim=1), mask.long()  # [B, 2], [B, L]
     ls, k = _layers(cfg, models.student.params.depth)
     with_teacher = name == "self_flow"
-    out = models.student(
-        _noised(batch.media, eps, levels.gather(1, index)),
-        batch.ids,
-        levels,
-        batch.txt,
-        t_index=index,
-        txt_t=t,
-        txt_mask=batch.txt_mask,
-        drop_txt=drop,
-        return_hidden=(ls,) if with_teacher else (),
-    )
+    out = _student_forward(models, batch, eps, levels, drop, index, hidden=(ls,) if with_teacher else ())
     cos = None
     if with_teacher:
         tau = flow.cleaner_level(t, s)
@@ -224,15 +238,7 @@ def sra(models: Models, batch: Batch, gen: torch.Generator, cfg: ObjectiveConfig
     t, eps, drop = _common_draws(batch, gen, cfg)
     gap = torch.rand(t.shape, generator=gen, device=gen.device) * cfg.sra_max_gap
     ls, k = _layers(cfg, models.student.params.depth)
-    out = models.student(
-        _noised(batch.media, eps, t),
-        batch.ids,
-        t,
-        batch.txt,
-        txt_mask=batch.txt_mask,
-        drop_txt=drop,
-        return_hidden=(ls,),
-    )
+    out = _student_forward(models, batch, eps, t, drop, hidden=(ls,))
     cos = _teacher_alignment(
         models, batch, batch.media, eps, (t - gap).clamp(0.0, 1.0), drop, out.hidden[ls], k
     )
@@ -244,15 +250,7 @@ def repa(models: Models, batch: Batch, gen: torch.Generator, cfg: ObjectiveConfi
         raise ValueError("repa needs models.encoder (frozen features on the token grid) and models.head")
     t, eps, drop = _common_draws(batch, gen, cfg)
     ls, _ = _layers(cfg, models.student.params.depth)
-    out = models.student(
-        _noised(batch.media, eps, t),
-        batch.ids,
-        t,
-        batch.txt,
-        txt_mask=batch.txt_mask,
-        drop_txt=drop,
-        return_hidden=(ls,),
-    )
+    out = _student_forward(models, batch, eps, t, drop, hidden=(ls,))
     with torch.no_grad():
         target = models.encoder(batch.media)  # [B, L, F]
     cos = cosine_to_target(models.head(out.hidden[ls]), target)
