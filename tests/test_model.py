@@ -12,12 +12,8 @@ from conftest import randomize
 from selfflow.models.attention import attention, check_backend
 from selfflow.models.factory import model_params
 from selfflow.models.layers import apply_rope, distinct_levels, rope_angles
-from selfflow.models.mmdit import MMDiT, MMDiTParams
+from selfflow.models.mmdit import MMDiT
 from selfflow.tokenizers.media import MediaTokenizer
-
-
-def _tiny_params(cfg) -> MMDiTParams:
-    return model_params(cfg)
 
 
 def joint_batch(cfg, batch: int = 2, seed: int = 0):
@@ -107,7 +103,7 @@ def test_distinct_levels():
 
 
 def test_fresh_model_starts_at_zero_velocity(tiny_cfg):
-    model = MMDiT(_tiny_params(tiny_cfg))
+    model = MMDiT(model_params(tiny_cfg))
     media, ids, txt = joint_batch(tiny_cfg)
     out = model(media, ids, torch.rand(2), txt)
     assert all(torch.count_nonzero(v) == 0 for v in out.velocity.values())
@@ -150,7 +146,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_cfg):
     t = torch.rand(2)
     grads = []
     for ckpt in (False, True):
-        model = randomize(MMDiT(replace(_tiny_params(tiny_cfg), grad_checkpointing=ckpt))).train()
+        model = randomize(MMDiT(replace(model_params(tiny_cfg), grad_checkpointing=ckpt))).train()
         out = model(media, ids, t, txt)
         sum(v.pow(2).mean() for v in out.velocity.values()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -173,7 +169,7 @@ def test_image_only_and_audio_only_batches(tiny_cfg, tiny_model):
 
 
 def test_text_from_a_frozen_encoder_feeds_the_text_stream(tiny_cfg):
-    params = replace(_tiny_params(tiny_cfg), txt_vocab_size=0, txt_feature_dim=32)
+    params = replace(model_params(tiny_cfg), txt_vocab_size=0, txt_feature_dim=32)
     model = randomize(MMDiT(params)).eval()
     media, ids, _ = joint_batch(tiny_cfg)
     out = model(media, ids, torch.rand(2), torch.randn(2, 7, 32))
@@ -195,7 +191,7 @@ def test_text_from_a_frozen_encoder_feeds_the_text_stream(tiny_cfg):
 )
 def test_invalid_params_raise(tiny_cfg, change, message):
     with pytest.raises(ValueError, match=message):
-        MMDiT(replace(_tiny_params(tiny_cfg), **change))
+        MMDiT(replace(model_params(tiny_cfg), **change))
 
 
 def test_attention_backends_on_cpu():
@@ -240,7 +236,7 @@ def test_cuda_backends_match_sdpa(tiny_cfg, backend):
     media, ids, txt = {m: x.cuda().bfloat16() for m, x in media.items()}, ids.cuda(), txt.cuda()
     t, outs = torch.rand(2, device="cuda"), []
     for name in ("sdpa", backend):
-        model = randomize(MMDiT(replace(_tiny_params(tiny_cfg), attn_backend=name))).cuda().bfloat16().eval()
+        model = randomize(MMDiT(replace(model_params(tiny_cfg), attn_backend=name))).cuda().bfloat16().eval()
         outs.append(model(media, ids, t, txt).velocity)
     for m in media:
         torch.testing.assert_close(outs[0][m].float(), outs[1][m].float(), atol=2e-2, rtol=2e-2)

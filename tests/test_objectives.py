@@ -12,6 +12,7 @@ from test_flow import _ks
 from test_model import joint_batch
 
 from selfflow.models import flow
+from selfflow.models.factory import build_model
 from selfflow.training.objectives import (
     OBJECTIVES,
     Batch,
@@ -24,7 +25,7 @@ from selfflow.training.objectives import (
 
 
 def setup(cfg, name: str, seed: int = 0):
-    student = randomize(copy.deepcopy(_student(cfg)), seed).train()
+    student = randomize(build_model(cfg), seed).train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     d = student.params.hidden_size
     encoder = None
@@ -35,17 +36,6 @@ def setup(cfg, name: str, seed: int = 0):
         encoder = lambda media: torch.cat([proj[m](x) for m, x in media.items()], 1)  # noqa: E731
     head = make_head(name, d, 16)
     return Models(student, head, teacher, encoder)
-
-
-_CACHE = {}
-
-
-def _student(cfg):
-    from selfflow.models.factory import build_model
-
-    if "m" not in _CACHE:
-        _CACHE["m"] = build_model(cfg)
-    return _CACHE["m"]
 
 
 def batch_for(cfg, b: int = 2, task: str = "av") -> Batch:
@@ -117,11 +107,10 @@ def test_teacher_sees_the_cleaner_level_and_stops_at_block_k(tiny_cfg):
     # the teacher saw the same x0 and eps as the student, noised uniformly at tau_min
     batch = batch_for(tiny_cfg, b=8)
     _, eps, _ = _common_draws(batch, torch.Generator().manual_seed(1), cfg)
-    for m, x0 in batch.media.items():
+    per_token = s_args[2].gather(1, s_kw["t_index"]).split([x.shape[1] for x in batch.media.values()], dim=1)
+    for (m, x0), tau in zip(batch.media.items(), per_token, strict=True):
         torch.testing.assert_close(t_args[0][m], flow.interpolate(x0, eps[m], torch.minimum(t, s)))
-        per_token = s_args[2].gather(1, s_kw["t_index"])[:, : x0.shape[1]] if m == "video" else None
-        if per_token is not None:
-            torch.testing.assert_close(s_args[0][m], flow.interpolate(x0, eps[m], per_token))
+        torch.testing.assert_close(s_args[0][m], flow.interpolate(x0, eps[m], tau))
 
 
 def test_token_levels_follow_p_t_and_the_mask_ratios(tiny_cfg):

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     txt_ids, txt_mask = build_text_tokenizer(cfg.text.tokenizer, cfg.text.path or None).encode(
         ["a white square slides right while a tone plays"], cfg.text.max_len
     )
-    x0, ids = media_tok.encode(synthetic_clip(cfg.spec))
+    clip = synthetic_clip(cfg.spec)
+    x0, ids = media_tok.encode(clip)
     n_video, n_tokens = x0["video"].shape[1], ids.shape[0]
 
     # Two noise levels, a random quarter of the tokens at the second one (Self-Flow §3.3).
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         f"audio {ids[n_video:, 0].tolist()[:4]}..."
     )
     for m, v in decoded.items():
-        print(f"velocity -> {m} {tuple(v.shape)} (input {tuple(synthetic_clip(cfg.spec)[m].shape)})")
+        print(f"velocity -> {m} {tuple(v.shape)} (input {tuple(clip[m].shape)})")
     print("hidden states: " + ", ".join(f"block {i} {tuple(h.shape)}" for i, h in out.hidden.items()))
     print(f"done in {time.perf_counter() - start:.2f} s")
     return 0
