@@ -5,8 +5,9 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
 EXTRAS     ?= dev
-# Debian packages the project uses (fonts for text-rendered images; later issues add espeak-ng, tesseract, ...).
-APT_PKGS   := fonts-dejavu-core
+# Debian packages the project uses: fonts for text-rendered images, Fashion-MNIST for the demo
+# and the class-conditional benchmark (later issues add espeak-ng, tesseract, ...).
+APT_PKGS   := fonts-dejavu-core dataset-fashion-mnist
 STAMP      := $(VENV)/.installed-$(EXTRAS)
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1

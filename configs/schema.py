@@ -85,6 +85,8 @@ class ObjectiveConfig:
     sra_max_gap: float = 0.2  # SRA teacher level: t - U(0, gap)
     student_layer: int = 0  # 0: round(0.3 depth)
     teacher_layer: int = 0  # 0: round(0.7 depth)
+    repa_encoder: str = ""  # repa: a local transformers vision model directory (e.g. DINOv2)
+    repa_resolution: int = 224  # encoder input size in pixels (REPA: 224); 0: the encoder's own
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
@@ -98,6 +100,60 @@ class ObjectiveConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Optimisation. Defaults follow the REPA setup Self-Flow trains with (AdamW 1e-4, wd 0, clip 1.0)."""
+
+    max_steps: int = 1000
+    batch_size: int = 32  # per process
+    lr: float = 1e-4
+    warmup_steps: int = 0  # linear warm-up, then constant
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # global grad-norm; <= 0 disables
+    ema_decay: float = 0.9999  # the evaluation model and, by default, the Self-Flow / SRA teacher
+    teacher_decay: float = -1.0  # < 0: the teacher is the evaluation EMA; else a second, faster EMA
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | bf16 | fp32
+    log_every: int = 10  # steps between metric syncs (metrics.jsonl, TensorBoard, progress bar)
+    ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 3  # complete checkpoints kept
+    t_bins: int = 5  # loss per t-bin: equal-width bins of the base level t
+
+    def __post_init__(self) -> None:
+        if min(self.max_steps, self.batch_size, self.log_every, self.ckpt_every, self.t_bins) < 1:
+            raise ConfigError("train.max_steps, batch_size, log_every, ckpt_every and t_bins must be >= 1")
+        if self.lr <= 0 or not 0.0 <= self.ema_decay < 1.0 or self.teacher_decay >= 1.0:
+            raise ConfigError("train.lr must be > 0 and EMA decays in [0, 1)")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision {self.precision!r} is not one of auto, bf16, fp32")
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # a shard directory (from tools/make_shards.py), a glob, or a brace pattern
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class SampleConfig:
+    """The fixed-seed sample grid written during training (and the defaults of inference/sample_image.py)."""
+
+    every: int = 0  # steps between grids; 0: only at the end
+    prompts: list[str] = field(default_factory=list)  # empty: captions of the first training batch
+    num: int = 16  # images in the grid (prompts repeat)
+    seed: int = 0
+    steps: int = 30
+    sampler: str = "euler"  # euler | heun | euler_maruyama
+    cfg_scale: float = 3.0
+    shift: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # everything a run writes: metrics.jsonl, tb/, samples/, checkpoints/
+
+
+@dataclass
 class Config:
     name: str = "tiny"
     seed: int = 0
@@ -106,6 +162,10 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     codecs: CodecConfig = field(default_factory=CodecConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 def preset_path(name_or_path: str | Path) -> Path:

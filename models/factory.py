@@ -4,6 +4,7 @@ widths from the clip spec, the text input size from the text tokenizer or encode
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 
 from selfflow.configs.schema import Config, TextConfig
 from selfflow.models.mmdit import MMDiT, MMDiTParams
+from selfflow.tokenizers.codecs import build_codec
+from selfflow.tokenizers.media import MediaTokenizer
 from selfflow.tokenizers.spec import MODALITIES
 
 
@@ -41,3 +44,35 @@ def build_model(cfg: Config, device: str | torch.device = "cpu") -> MMDiT:
     """The model on `device`; "meta" builds it without allocating (for sizing)."""
     with torch.device(device):
         return MMDiT(model_params(cfg))
+
+
+TextConditioner = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+"""captions -> (txt [B, Lt] token ids or [B, Lt, F] features, mask [B, Lt] bool), on `device`."""
+
+
+def build_text_conditioner(text: TextConfig, device: str | torch.device = "cpu") -> TextConditioner:
+    """The caption front end the config names: a tokenizer, or a frozen text encoder on `device`."""
+    if text.tokenizer == "encoder":
+        from selfflow.tokenizers.text import FrozenTextEncoder
+
+        encoder = FrozenTextEncoder(text.path).to(device)
+        return lambda captions: encoder(captions, text.max_len)
+    from selfflow.tokenizers.text import build_text_tokenizer
+
+    tok = build_text_tokenizer(text.tokenizer, text.path or None)
+
+    def encode(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = tok.encode(list(captions), text.max_len)
+        return ids.to(device), mask.to(device)
+
+    return encode
+
+
+def build_media_tokenizer(cfg: Config, device: str | torch.device = "cpu") -> MediaTokenizer:
+    """Codecs (identity or local diffusers autoencoders, moved to `device`) + patchifiers of the spec."""
+    codecs = {}
+    for m in MODALITIES:
+        source = getattr(cfg.codecs, m)
+        if source != "identity":
+            codecs[m] = build_codec(source, m, cfg.spec).to(device)
+    return MediaTokenizer(cfg.spec, codecs)

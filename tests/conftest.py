@@ -4,6 +4,9 @@ would make equality tests pass vacuously)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +47,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(tmp_path_factory) -> Path:
+    """Image shards of 256 real Fashion-MNIST training images with class captions, built by the CLIs."""
+    root = tmp_path_factory.mktemp("fmnist")
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    for cmd in (
+        [
+            str(tools / "make_benchmark.py"),
+            "--task",
+            "class",
+            "--n",
+            "256",
+            "--seed",
+            "0",
+            "--out",
+            str(root / "media"),
+        ],
+        [str(tools / "make_shards.py"), "--input", str(root / "media"), "--output", str(root / "shards")],
+    ):
+        subprocess.run([sys.executable, *cmd], check=True, capture_output=True, text=True)
+    return root / "shards"

@@ -56,6 +56,7 @@ class ObjectiveOutput:
     loss: Tensor  # [B] per-sample total loss
     levels: Tensor  # [B, K] the sampled levels: (t,) or (t, s) per sample
     metrics: dict[str, Tensor] = field(default_factory=dict)  # batch means, kept on device
+    loss_gen: Tensor | None = None  # [B] per-sample velocity loss (for loss-per-t-bin logging)
 
 
 def alignment_layers(depth: int) -> tuple[int, int]:
@@ -156,7 +157,7 @@ def _output(
     metrics = {"loss": loss.mean(), "loss_gen": loss_gen.mean(), "loss_rep": loss_rep.mean()}
     if cos is not None:
         metrics["rep_cos"] = cos.mean()
-    return ObjectiveOutput(loss, levels, metrics)
+    return ObjectiveOutput(loss, levels, metrics, loss_gen.detach())
 
 
 def _student_forward(

@@ -1,0 +1,149 @@
+"""The generation pipeline shared by the sampling CLIs and the training loop's sample grids:
+load a snapshot (EMA weights + resolved config), encode prompts once, integrate the velocity field
+from noise (t = 1) to data (t = 0) with a sampler from `samplers.py`, decode tokens to media.
+
+    cfg, model = load_snapshot("runs/demo")       # a run dir, its checkpoints/ or one checkpoint
+    gen = Generator(cfg, model, device="cpu")
+    images = gen.generate(["a photo of a bag"], seeds=[0], modalities=("image",))["image"]
+    save_image_grid(images, "bag.png")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from selfflow.configs.schema import Config, load_config
+from selfflow.inference import samplers
+from selfflow.models.factory import build_media_tokenizer, build_model, build_text_conditioner
+from selfflow.models.mmdit import MMDiT
+from selfflow.training.checkpoint import load_weights, resolve_checkpoint
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` -> cuda when present, else cpu; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (precision auto | bf16), nothing on CPU unless precision == bf16."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def load_snapshot(
+    path: str | Path, device: str | torch.device = "cpu", weights: str = "ema"
+) -> tuple[Config, MMDiT]:
+    """The resolved config and the model with the checkpoint's `weights` ("ema" or "model"), in eval mode."""
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config(ckpt / "config.yaml")
+    model = build_model(cfg, "meta")
+    model.load_state_dict(load_weights(ckpt, weights), strict=True, assign=True)
+    return cfg, model.to(device).eval()
+
+
+class Generator:
+    """Text-conditioned generation for one model: prompts -> {modality: media} on the CPU."""
+
+    def __init__(
+        self, cfg: Config, model: MMDiT, device: str | torch.device = "cpu", precision: str = "auto"
+    ):
+        self.cfg, self.model = cfg, model
+        self.device = torch.device(device)
+        self.precision = precision
+        self.media = build_media_tokenizer(cfg, self.device)
+        self.encode_text = build_text_conditioner(cfg.text, self.device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        modalities: Sequence[str] = ("image",),
+        steps: int = 30,
+        sampler: str = "euler",
+        cfg_scale: float = 1.0,
+        shift: float = 1.0,
+        interval: tuple[float, float] = (0.0, 1.0),
+    ) -> dict[str, Tensor]:
+        """One sample per (prompt, seed); media tokens of all `modalities` are sampled jointly."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(samplers.SAMPLERS)}")
+        spec, mods = self.cfg.spec, list(modalities)
+        sizes = [spec.tokens(m) for m in mods]
+        width = max(spec.token_dim(m) for m in mods)  # tokens of all modalities share one noise tensor
+        ids = self.media.position_ids(mods).to(self.device)  # [L, 4]
+        txt, mask = self.encode_text(list(prompts))
+        drop = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
+
+        def split(x: Tensor) -> dict[str, Tensor]:  # [B, L, width] -> {m: [B, L_m, C_m]}
+            parts = x.split(sizes, dim=1)
+            return {m: p[..., : spec.token_dim(m)] for m, p in zip(mods, parts, strict=True)}
+
+        def velocity(x: Tensor, t: Tensor, uncond: bool) -> Tensor:
+            with autocast(self.device, self.precision):
+                v = self.model(
+                    split(x), ids, t, txt, txt_mask=mask, drop_txt=drop if uncond else None
+                ).velocity
+            # back to one [B, L, width] tensor, zero in the channels a modality does not use
+            return torch.cat([F.pad(v[m].float(), (0, width - v[m].shape[-1])) for m in mods], dim=1)
+
+        v_fn = samplers.cfg(
+            lambda x, t: velocity(x, t, False), lambda x, t: velocity(x, t, True), cfg_scale, interval
+        )
+        x1 = samplers.initial_noise((sum(sizes), width), list(seeds), device=self.device)  # [B, L, width]
+        kw = {"noise": list(seeds)} if sampler == "euler_maruyama" else {}
+        x0 = samplers.sample(sampler, v_fn, x1, steps, shift, **kw)
+        return {m: media.float().cpu() for m, media in self.media.decode(split(x0)).items()}
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C]."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: Tensor, nrow: int = 0, pad: int = 2) -> Image.Image:
+    """[N, C, H, W] in [-1, 1] -> one PIL image, `nrow` per row (default: about square)."""
+    pix = to_uint8(images)
+    n, h, w, c = pix.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[
+            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
+        ] = pix[i]
+    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Save a PNG atomically (temporary file in the target folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,195 @@
+"""The training loop on real Fashion-MNIST shards: one step, a short run that learns, checkpoints,
+resume, and the command-line contracts of training/main.py and inference/sample_image.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from selfflow.configs import ConfigError, load_config
+from selfflow.training import checkpoint as ckpt_io
+from selfflow.training.loop import build_trainer, make_batch, train, train_step
+from selfflow.training.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(shards: Path, run_dir: Path, *extra: str):
+    base = [
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        "train.batch_size=16",
+        "train.log_every=5",
+        "train.lr=1e-3",
+        "train.teacher_decay=0.9",
+        "sample.num=4",
+        "sample.steps=4",
+    ]
+    return load_config("tiny", [*base, *extra])
+
+
+def _batch(tr, n: int = 8):
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(n, 3, 32, 32, generator=gen) * 2 - 1
+    return make_batch(tr, {"image": pixels}, [f"a photo of item {i}" for i in range(n)])
+
+
+def test_train_step_moves_student_and_emas_but_never_grads_the_teacher(fmnist_shards, tmp_path):
+    tr = build_trainer(tiny(fmnist_shards, tmp_path, "train.ema_decay=0.5"))
+    assert tr.teacher_ema is not tr.ema and tr.models.teacher is tr.teacher_ema.model
+    before = {k: v.clone() for k, v in tr.models.student.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in tr.ema.weights().items()}
+    out = train_step(tr, _batch(tr))
+    assert tr.step == 1 and tr.samples_seen == 8
+    assert {"loss", "loss_gen", "loss_rep", "rep_cos", "grad_norm"} <= set(out.metrics)
+    assert all(p.grad is None for p in tr.models.teacher.parameters())
+    after = tr.models.student.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved, "the optimizer step changed nothing"
+    for k in moved:  # EMA with decay 0.5: exactly halfway between the old EMA and the new student
+        torch.testing.assert_close(tr.ema.weights()[k], 0.5 * ema_before[k] + 0.5 * after[k])
+
+
+@pytest.fixture(scope="module")
+def short_run(fmnist_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = tiny(fmnist_shards, run_dir, "train.max_steps=50", "train.ckpt_every=25", "train.keep_last=1")
+    return cfg, train(cfg, progress=False)
+
+
+def test_fifty_steps_lower_the_loss_and_log_the_contract(short_run):
+    cfg, summary = short_run
+    rows = read_metrics(Path(cfg.run.dir) / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(5, 51, 5))
+    for key in ("loss", "loss_gen", "loss_rep", "rep_cos", "samples_per_s", "tokens_per_s", "mask_frac"):
+        assert all(key in r for r in rows), key
+    assert any(k.startswith("loss_t") for k in rows[-1])
+    first, last = rows[0]["loss_gen"], sum(r["loss_gen"] for r in rows[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+    assert summary["step"] == 50
+
+
+def test_run_writes_checkpoints_samples_and_config(short_run):
+    cfg, summary = short_run
+    run_dir = Path(cfg.run.dir)
+    ckpts = ckpt_io.list_checkpoints(run_dir / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_00000050"]  # keep_last=1 pruned step 25
+    names = {p.name for p in ckpts[0].iterdir()}
+    assert {"model.safetensors", "ema.safetensors", "ema_teacher.safetensors", "head.safetensors"} <= names
+    assert load_config(ckpts[0] / "config.yaml") == cfg
+    grid = Image.open(run_dir / "samples" / "step_00000050.png")
+    assert grid.size[0] > 32 and grid.size[1] > 32
+    assert (run_dir / "tb").is_dir() and any((run_dir / "tb").iterdir())
+
+
+def test_rerun_resumes_from_latest_and_continues(short_run, tmp_path):
+    cfg, _ = short_run
+    run_dir = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(cfg.run.dir, run_dir)
+    saved = ckpt_io.latest_checkpoint(run_dir / "checkpoints")
+    # a crash mid-save leaves a temporary folder; it must be ignored
+    (run_dir / "checkpoints" / ".tmp-step_00000099-x").mkdir()
+    cfg2 = load_config("tiny", [f"data.shards={cfg.data.shards}", f"run.dir={run_dir}", "train.max_steps=60"])
+    cfg2 = tiny(Path(cfg.data.shards), run_dir, "train.max_steps=60", "train.ckpt_every=25")
+    tr = build_trainer(cfg2)
+    from selfflow.training.loop import restore
+
+    restore(tr, saved)
+    assert tr.step == 50 and tr.samples_seen == 800
+    torch.testing.assert_close(tr.models.student.state_dict(), ckpt_io.load_weights(saved, "model"))
+    assert tr.optimizer.state_dict()["state"], "optimizer moments were not restored"
+    train(cfg2, progress=False)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(5, 61, 5))
+    assert rows[-1]["samples_seen"] == 60 * 16
+    assert ckpt_io.latest_checkpoint(run_dir / "checkpoints").name == "step_00000060"
+
+
+def test_resume_refuses_a_different_model(short_run, tmp_path):
+    cfg, _ = short_run
+    other = tiny(Path(cfg.data.shards), Path(cfg.run.dir), "model.hidden_size=96", "model.axes_dim=[6,6,6,6]")
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        train(other, progress=False)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_main_cli_errors_are_one_line(tmp_path):
+    bad_key = _cli("training/main.py", "--config", "configs/tiny.yaml", "train.max_stepz=3")
+    assert bad_key.returncode == 2 and "train.max_stepz" in bad_key.stderr
+    assert len(bad_key.stderr.strip().splitlines()) == 1
+    no_data = _cli("training/main.py", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}")
+    assert no_data.returncode == 2 and "data.shards" in no_data.stderr
+
+
+def test_sample_image_cli(short_run, tmp_path):
+    cfg, _ = short_run
+    out = tmp_path / "grid.png"
+    ok = _cli(
+        "inference/sample_image.py",
+        "--ckpt",
+        cfg.run.dir,
+        "--prompt",
+        "a photo of a bag",
+        "--prompt",
+        "a photo of a sneaker",
+        "--num",
+        "3",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 per row, 2 rows of 32 px + 2 px padding
+    for args, needle in (
+        (["--prompt", " "], "prompt"),
+        (["--prompt", "x", "--sampler", "rk9"], "sampler"),
+        (["--prompt", "x", "--ckpt", str(tmp_path / "nope")], "checkpoint"),
+    ):
+        ckpt = [] if "--ckpt" in args else ["--ckpt", cfg.run.dir]
+        bad = _cli("inference/sample_image.py", *ckpt, *args, "--out", str(tmp_path / "bad.png"))
+        assert bad.returncode == 2 and needle in bad.stderr, bad.stderr
+        assert not (tmp_path / "bad.png").exists()
+
+
+def test_state_json_records_counters(short_run):
+    cfg, _ = short_run
+    ckpt = ckpt_io.latest_checkpoint(Path(cfg.run.dir) / "checkpoints")
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 50 and state["samples_seen"] == 800 and state["ema"]["num_updates"] == 50
+
+
+def test_repa_trains_with_a_local_vision_encoder_that_stays_out_of_checkpoints(fmnist_shards, tmp_path):
+    import transformers
+
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    transformers.AutoModel.from_config(config).save_pretrained(tmp_path / "dino")
+    cfg = tiny(
+        fmnist_shards, tmp_path / "run", "objective.name=repa", f"objective.repa_encoder={tmp_path / 'dino'}"
+    )
+    tr = build_trainer(cfg)
+    optimized = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in optimized for p in tr.models.encoder.parameters())
+    out = train_step(tr, _batch(tr))
+    assert torch.isfinite(out.loss).all() and 0 < out.metrics["loss_rep"].item() < 2
+    from selfflow.training.loop import save
+
+    ckpt = save(tr, Path(cfg.run.dir))
+    saved = set().union(*(ckpt_io.load_weights(ckpt, n).keys() for n in ("model", "ema", "head")))
+    assert not any("embeddings" in k or "encoder" in k for k in saved)
+    missing = load_config("tiny", [f"data.shards={fmnist_shards}", "objective.name=repa"])
+    with pytest.raises(ConfigError, match="repa_encoder"):
+        build_trainer(missing)

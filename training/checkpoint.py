@@ -1,0 +1,153 @@
+"""Checkpoints: one directory per step under `<run.dir>/checkpoints/`, published by rename.
+
+    checkpoints/
+      latest                    name of the newest complete checkpoint (written last)
+      step_00000500/
+        model.safetensors       the trained student
+        head.safetensors        the objective's projector (self_flow, sra, repa)
+        ema.safetensors         the evaluation EMA (and the teacher, unless a separate one is kept)
+        ema_teacher.safetensors the faster teacher EMA (train.teacher_decay >= 0)
+        trainer.pt              optimizer, scheduler and RNG states (loaded with weights_only=True)
+        state.json              step, samples seen, EMA counters, ...
+        config.yaml             the resolved config
+
+A checkpoint is complete when its directory exists under its final name: it is written into a hidden
+temporary directory first and renamed in one step, so a crash mid-save leaves only a `.tmp-*` folder
+that loading ignores. Weights are safetensors and state JSON: loading unpickles nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from selfflow.configs.schema import Config, save_config
+
+PREFIX = "step_"
+LATEST = "latest"
+REQUIRED = ("model.safetensors", "state.json", "config.yaml")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def _tensors(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detached, contiguous CPU copies (what safetensors needs)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (temporary file in the same folder, then rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    weights: dict[str, dict[str, Tensor]],
+    trainer: dict[str, Any],
+    state: dict[str, Any],
+    cfg: Config,
+    keep_last: int = 0,
+) -> Path:
+    """Write `<root>/step_<step>/` with one safetensors file per entry of `weights` (e.g. "model",
+    "ema"), `trainer.pt`, `state.json` and `config.yaml`; point `latest` at it; keep the newest
+    `keep_last` checkpoints (0 keeps all). Returns the checkpoint directory."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    try:
+        for name, tensors in weights.items():
+            save_file(_tensors(tensors), str(tmp / f"{name}.safetensors"))
+        torch.save(trainer, tmp / "trainer.pt")
+        save_config(cfg, tmp / "config.yaml")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        if final.exists():  # a rerun of the same step replaces the old copy
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_text(root / LATEST, final.name + "\n")
+    if keep_last > 0:
+        prune(root, keep_last, protect=final)
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and all((path / f).is_file() for f in REQUIRED)
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{PREFIX}*") if is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `latest` names if it is complete, else the newest complete one, else None."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if is_complete(named):
+            return named
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune(root: Path, keep_last: int, protect: Path | None = None) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, never `protect`; drop stale temps."""
+    for old in list_checkpoints(root)[:-keep_last]:
+        if protect is None or old.resolve() != protect.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, a `checkpoints/` directory or a run directory -> a complete checkpoint."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"no complete checkpoint at {path} (expected {', '.join(REQUIRED)})")
+
+
+def load_weights(ckpt: str | Path, name: str, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """One safetensors file of a checkpoint, e.g. name="ema"."""
+    path = Path(ckpt) / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} has no {path.name}")
+    return load_file(str(path), device=str(device))
+
+
+def load_state(ckpt: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state.json, trainer.pt) of a checkpoint; trainer.pt holds only tensors and plain containers."""
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    return state, trainer

@@ -1,0 +1,271 @@
+"""The single-process training loop: `train(cfg)` reads shards, steps the objective, keeps the EMA(s),
+logs, writes sample grids and checkpoints, and resumes from `<run.dir>/checkpoints/` when it can.
+
+    trainer = build_trainer(cfg)          # model, projector, EMA(s), AdamW, RNG, tokenizers
+    out = train_step(trainer, batch)      # one optimizer step + EMA update; metrics stay on device
+
+Precision: fp32 weights and optimizer; bf16 autocast on CUDA (`train.precision`). The EMA copies are
+fp32. Counters are device tensors until a log interval (`training/tracking.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from selfflow.configs.schema import Config, ConfigError, save_config
+from selfflow.inference.pipeline import Generator, autocast, image_grid, pick_device, save_image
+from selfflow.models.factory import (
+    TextConditioner,
+    build_media_tokenizer,
+    build_model,
+    build_text_conditioner,
+)
+from selfflow.tokenizers.media import MediaTokenizer
+from selfflow.training import checkpoint as ckpt_io
+from selfflow.training.ema import EMA, make_emas, update_all
+from selfflow.training.objectives import OBJECTIVES, Batch, Models, ObjectiveOutput, make_head
+from selfflow.training.tracking import MetricMeter, RunLogger
+
+TEACHER_OBJECTIVES = ("self_flow", "sra")
+TASK_OF = {("image",): "image", ("video",): "video", ("audio",): "audio", ("audio", "video"): "av"}
+# Sections a checkpoint must agree on with the command that resumes it.
+FROZEN_SECTIONS = ("model", "spec", "text", "codecs")
+
+
+@dataclass
+class Trainer:
+    """Everything one process trains with, plus the counters a checkpoint restores."""
+
+    cfg: Config
+    device: torch.device
+    models: Models
+    ema: EMA  # the evaluation model
+    teacher_ema: EMA  # the Self-Flow / SRA teacher: `ema` itself unless train.teacher_decay >= 0
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # every draw of the objective, on the training device
+    media: MediaTokenizer
+    encode_text: TextConditioner
+    step: int = 0
+    samples_seen: int = 0
+    epoch: int = 0
+
+
+def _repa_encoder(cfg: Config, media: MediaTokenizer, device: torch.device) -> Any:
+    if not cfg.objective.repa_encoder:
+        raise ConfigError("objective.name=repa needs objective.repa_encoder (a local vision model directory)")
+    from selfflow.training.encoders import build_encoder
+
+    resolution = cfg.objective.repa_resolution or None
+    return build_encoder(cfg.objective.repa_encoder, media, resolution).to(device)
+
+
+def build_trainer(cfg: Config, device: str | torch.device | None = None) -> Trainer:
+    """Model (seeded by cfg.seed), projector head, EMA(s), AdamW + warm-up, RNG and tokenizers."""
+    device = pick_device(cfg.train.device) if device is None else torch.device(device)
+    torch.manual_seed(cfg.seed)
+    media = build_media_tokenizer(cfg, device)
+    student = build_model(cfg, device).train()
+    name = cfg.objective.name
+    encoder = _repa_encoder(cfg, media, device) if name == "repa" else None
+    head = make_head(name, student.params.hidden_size, getattr(encoder, "feature_dim", 0))
+    head = head.to(device) if head is not None else None
+    teacher_decay = cfg.train.teacher_decay if cfg.train.teacher_decay >= 0 else None
+    ema, teacher_ema = make_emas(student, cfg.train.ema_decay, teacher_decay, dtype=torch.float32)
+    teacher = teacher_ema.model if name in TEACHER_OBJECTIVES else None
+    params = list(student.parameters()) + (list(head.parameters()) if head is not None else [])
+    t = cfg.train
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    warmup = max(t.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    return Trainer(
+        cfg=cfg,
+        device=device,
+        models=Models(student, head, teacher, encoder),
+        ema=ema,
+        teacher_ema=teacher_ema,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=generator,
+        media=media,
+        encode_text=build_text_conditioner(cfg.text, device),
+    )
+
+
+def make_batch(tr: Trainer, media: dict[str, Tensor], captions: list[str]) -> Batch:
+    """Raw media {modality: [B, ...]} + captions -> the objective's Batch on the training device."""
+    tokens, ids = tr.media.encode({m: x.to(tr.device, non_blocking=True) for m, x in media.items()})
+    txt, mask = tr.encode_text(captions)
+    return Batch(tokens, ids.to(tr.device), txt, mask, task=TASK_OF[tuple(sorted(media))])
+
+
+def train_step(tr: Trainer, batch: Batch) -> ObjectiveOutput:
+    """One optimizer step of `cfg.objective` on `batch`, then the EMA update(s). Metrics gain
+    `grad_norm` (before clipping); nothing is synced to the host."""
+    tr.models.student.train()
+    with autocast(tr.device, tr.cfg.train.precision):
+        out = OBJECTIVES[tr.cfg.objective.name](tr.models, batch, tr.generator, tr.cfg.objective)
+    tr.optimizer.zero_grad(set_to_none=True)
+    out.loss.mean().backward()
+    params = [p for group in tr.optimizer.param_groups for p in group["params"]]
+    clip = tr.cfg.train.grad_clip if tr.cfg.train.grad_clip > 0 else math.inf
+    out.metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
+    tr.optimizer.step()
+    tr.scheduler.step()
+    update_all((tr.ema, tr.teacher_ema), tr.models.student)
+    tr.step += 1
+    tr.samples_seen += out.loss.shape[0]
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save(tr: Trainer, run_dir: Path) -> Path:
+    weights = {"model": tr.models.student.state_dict(), "ema": tr.ema.weights()}
+    if tr.teacher_ema is not tr.ema:
+        weights["ema_teacher"] = tr.teacher_ema.weights()
+    if tr.models.head is not None:
+        weights["head"] = tr.models.head.state_dict()
+    trainer = {
+        "optimizer": tr.optimizer.state_dict(),
+        "scheduler": tr.scheduler.state_dict(),
+        "generator": tr.generator.get_state(),
+        "cpu_rng": torch.get_rng_state(),
+    }
+    state = {"samples_seen": tr.samples_seen, "epoch": tr.epoch, "ema": tr.ema.meta()}
+    state["ema_teacher"] = tr.teacher_ema.meta()
+    return ckpt_io.save_checkpoint(
+        run_dir / "checkpoints", tr.step, weights, trainer, state, tr.cfg, tr.cfg.train.keep_last
+    )
+
+
+def check_compatible(cfg: Config, ckpt: Path) -> None:
+    """The resuming command must describe the same model as the checkpoint; other sections may change."""
+    from selfflow.configs.schema import load_config
+
+    saved = load_config(ckpt / "config.yaml")
+    for section in FROZEN_SECTIONS:
+        old, new = asdict(getattr(saved, section)), asdict(getattr(cfg, section))
+        diff = [k for k in new if old.get(k) != new[k]]
+        if diff:
+            k = diff[0]
+            raise ConfigError(
+                f"{ckpt} was trained with {section}.{k}={old.get(k)!r}, this run has {new[k]!r}; "
+                "use another run.dir to start afresh"
+            )
+    if saved.objective.name != cfg.objective.name:
+        raise ConfigError(
+            f"{ckpt} trained objective {saved.objective.name}, this run asks for {cfg.objective.name}"
+        )
+
+
+def restore(tr: Trainer, ckpt: Path) -> None:
+    """Load weights, EMA(s), optimizer, scheduler, RNG states and counters from a checkpoint."""
+    check_compatible(tr.cfg, ckpt)
+    state, trainer = ckpt_io.load_state(ckpt)
+    tr.models.student.load_state_dict(ckpt_io.load_weights(ckpt, "model", tr.device))
+    tr.ema.load_state_dict({**state["ema"], "model": ckpt_io.load_weights(ckpt, "ema", tr.device)})
+    if tr.teacher_ema is not tr.ema:
+        teacher = ckpt_io.load_weights(ckpt, "ema_teacher", tr.device)
+        tr.teacher_ema.load_state_dict({**state["ema_teacher"], "model": teacher})
+    if tr.models.head is not None:
+        tr.models.head.load_state_dict(ckpt_io.load_weights(ckpt, "head", tr.device))
+    tr.optimizer.load_state_dict(trainer["optimizer"])
+    tr.scheduler.load_state_dict(trainer["scheduler"])
+    tr.generator.set_state(trainer["generator"])
+    torch.set_rng_state(trainer["cpu_rng"])
+    tr.step, tr.samples_seen, tr.epoch = int(state["step"]), int(state["samples_seen"]), int(state["epoch"])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def data_stream(tr: Trainer, start_epoch: int) -> Iterator[tuple[Batch, list[str]]]:
+    """Endless (batch, captions) from the image shards of `data.shards`."""
+    from selfflow.data.loader import image_batches
+
+    cfg = tr.cfg
+    if not cfg.data.shards:
+        raise ConfigError(
+            "data.shards is empty: build shards with tools/make_shards.py, then data.shards=DIR"
+        )
+    stream = image_batches(
+        cfg.data.shards,
+        cfg.spec,
+        cfg.train.batch_size,
+        cfg.seed,
+        start_epoch=start_epoch,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+    for item in stream:
+        tr.epoch = item.epoch
+        yield make_batch(tr, {"image": item.pixels}, item.captions), item.captions
+
+
+def write_samples(tr: Trainer, gen: Generator, prompts: list[str], path: Path) -> Path:
+    """A grid of `sample.num` images from the EMA model: prompts cycled, seeds sample.seed + i."""
+    s = tr.cfg.sample
+    chosen = [prompts[i % len(prompts)] for i in range(s.num)]
+    seeds = [s.seed + i for i in range(s.num)]
+    images = gen.generate(chosen, seeds, ("image",), s.steps, s.sampler, s.cfg_scale, s.shift)["image"]
+    nrow = min(len(prompts), s.num) if len(prompts) <= 8 else 0
+    return save_image(image_grid(images, nrow), path)
+
+
+def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Train to `train.max_steps`, resuming from the latest complete checkpoint under `run.dir`."""
+    run_dir = Path(cfg.run.dir)
+    if not cfg.data.shards:
+        raise ConfigError(
+            "data.shards is empty: build shards with tools/make_shards.py, then data.shards=DIR"
+        )
+    tr = build_trainer(cfg)
+    latest = ckpt_io.latest_checkpoint(run_dir / "checkpoints")
+    if latest is not None:
+        restore(tr, latest)
+    save_config(cfg, run_dir / "config.yaml")
+    last: dict[str, Any] = {"step": tr.step}
+    if tr.step >= cfg.train.max_steps:
+        return {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(latest), "last": last}
+    logger, meter = RunLogger(run_dir, resume_step=tr.step), MetricMeter(cfg.train.t_bins, tr.device)
+    sampler = Generator(cfg, tr.ema.model, tr.device, cfg.train.precision)
+    stream = data_stream(tr, start_epoch=tr.epoch + 1 if latest is not None else 0)
+    bar = tqdm(total=cfg.train.max_steps, initial=tr.step, disable=not progress, desc=cfg.objective.name)
+    prompts: list[str] = list(cfg.sample.prompts)
+    saved = latest
+    for batch, captions in stream:
+        prompts = prompts or sorted(set(captions))
+        out = train_step(tr, batch)
+        meter.add(out.metrics, out.levels[:, 0], out.loss_gen, batch.ids.shape[0] + batch.txt.shape[1])
+        bar.update(1)
+        done = tr.step >= cfg.train.max_steps
+        if tr.step % cfg.train.log_every == 0 or done:
+            last = {**meter.flush(), "lr": tr.scheduler.get_last_lr()[0], "samples_seen": tr.samples_seen}
+            logger.log(tr.step, last)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", cos=f"{last.get('rep_cos', float('nan')):.3f}")
+        if (cfg.sample.every and tr.step % cfg.sample.every == 0) or done:
+            write_samples(tr, sampler, prompts, run_dir / "samples" / f"step_{tr.step:08d}.png")
+        if tr.step % cfg.train.ckpt_every == 0 or done:
+            saved = save(tr, run_dir)
+        if done:
+            break
+    bar.close()
+    logger.close()
+    return {
+        "run_dir": str(run_dir),
+        "step": tr.step,
+        "checkpoint": str(saved),
+        "last": {"step": tr.step, **last},
+    }

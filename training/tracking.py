@@ -1,0 +1,118 @@
+"""Training metrics: accumulated on the device every step, synced to the host only at log intervals,
+then written to `<run.dir>/metrics.jsonl` (one JSON object per logged step) and TensorBoard.
+
+Per logged step: the objective's metrics averaged over the interval (loss, loss_gen, loss_rep,
+rep_cos, mask_frac, grad_norm), the velocity loss per t-bin (`loss_t0`...: equal-width bins of each
+sample's base level t, t = 1 noise), throughput (samples_per_s, tokens_per_s), lr and samples seen.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ALWAYS = ("loss", "loss_gen", "loss_rep")  # present for every objective (0 where it has none)
+
+
+class MetricMeter:
+    """Sums of per-step batch metrics and per-t-bin velocity losses, kept as device tensors."""
+
+    def __init__(self, t_bins: int, device: torch.device) -> None:
+        self.t_bins, self.device = t_bins, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.steps = 0
+        self.bin_sum = torch.zeros(self.t_bins, device=self.device, dtype=torch.float64)
+        self.bin_count = torch.zeros(self.t_bins, device=self.device, dtype=torch.float64)
+        self.samples = self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add(self, metrics: dict[str, Tensor], t: Tensor, loss_gen: Tensor, tokens_per_sample: int) -> None:
+        """metrics: scalar tensors; t [B] base levels; loss_gen [B] per-sample velocity loss. No sync."""
+        for k, v in metrics.items():
+            v = v.detach().double()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        bins = (t.detach() * self.t_bins).long().clamp(0, self.t_bins - 1)  # [B]
+        self.bin_sum.index_add_(0, bins, loss_gen.detach().double())
+        self.bin_count.index_add_(0, bins, torch.ones_like(self.bin_sum[bins]))
+        self.steps += 1
+        self.samples += t.shape[0]
+        self.tokens += t.shape[0] * tokens_per_sample
+
+    def flush(self) -> dict[str, float]:
+        """Interval means and throughput (one host sync), then reset."""
+        names = list(self.sums)
+        zero = self.bin_sum.new_zeros(0)
+        sums = torch.stack([self.sums[k] for k in names]) if names else zero
+        values = torch.cat([sums, self.bin_sum, self.bin_count]).tolist()  # the one host sync
+        out = {k: v / max(self.steps, 1) for k, v in zip(names, values[: len(names)], strict=True)}
+        bin_sum, bin_count = values[len(names) : len(names) + self.t_bins], values[len(names) + self.t_bins :]
+        for k in ALWAYS:
+            out.setdefault(k, 0.0)
+        for i, (s, c) in enumerate(zip(bin_sum, bin_count, strict=True)):
+            if c > 0:
+                out[f"loss_t{i}"] = s / c
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        out["samples_per_s"] = self.samples / elapsed
+        out["tokens_per_s"] = self.tokens / elapsed
+        self.reset()
+        return out
+
+
+class RunLogger:
+    """Appends metrics to `<run_dir>/metrics.jsonl` and TensorBoard under `<run_dir>/tb`."""
+
+    def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_after(self.path, resume_step)
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, int | float):
+                    self.writer.add_scalar(_tb_name(k), v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tb_name(key: str) -> str:
+    if key.startswith("loss_t") and key[6:].isdigit():
+        return f"loss_by_t/bin{key[6:]}"
+    if key in ("samples_per_s", "tokens_per_s", "lr", "samples_seen"):
+        return f"throughput/{key}"
+    return f"train/{key}"
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop lines logged after `step` (a run resumed from an older checkpoint rewrites them)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All logged rows of a metrics.jsonl, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
