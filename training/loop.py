@@ -57,6 +57,7 @@ class Trainer:
     step: int = 0
     samples_seen: int = 0
     epoch: int = 0
+    skipped: int = 0  # bad samples the data reader has skipped so far
 
 
 def _repa_encoder(cfg: Config, media: MediaTokenizer, device: torch.device) -> Any:
@@ -210,7 +211,7 @@ def data_stream(tr: Trainer, start_epoch: int) -> Iterator[tuple[Batch, list[str
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
     for item in stream:
-        tr.epoch = item.epoch
+        tr.epoch, tr.skipped = item.epoch, stream.skipped_count
         yield make_batch(tr, {"image": item.pixels}, item.captions), item.captions
 
 
@@ -253,6 +254,7 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
         done = tr.step >= cfg.train.max_steps
         if tr.step % cfg.train.log_every == 0 or done:
             last = {**meter.flush(), "lr": tr.scheduler.get_last_lr()[0], "samples_seen": tr.samples_seen}
+            last["skipped_samples"] = tr.skipped
             logger.log(tr.step, last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", cos=f"{last.get('rep_cos', float('nan')):.3f}")
         if (cfg.sample.every and tr.step % cfg.sample.every == 0) or done:
