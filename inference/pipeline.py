@@ -25,8 +25,14 @@ from torch import Tensor
 
 from selfflow.configs.schema import Config, load_config
 from selfflow.inference import samplers
-from selfflow.models.factory import build_media_tokenizer, build_model, build_text_conditioner
+from selfflow.models.factory import (
+    TextConditioner,
+    build_media_tokenizer,
+    build_model,
+    build_text_conditioner,
+)
 from selfflow.models.mmdit import MMDiT
+from selfflow.tokenizers.media import MediaTokenizer
 from selfflow.training.checkpoint import load_weights, resolve_checkpoint
 
 
@@ -60,13 +66,20 @@ class Generator:
     """Text-conditioned generation for one model: prompts -> {modality: media} on the CPU."""
 
     def __init__(
-        self, cfg: Config, model: MMDiT, device: str | torch.device = "cpu", precision: str = "auto"
-    ):
+        self,
+        cfg: Config,
+        model: MMDiT,
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        media: MediaTokenizer | None = None,
+        encode_text: TextConditioner | None = None,
+    ) -> None:
+        """`media` / `encode_text` default to new ones from `cfg`; the trainer passes its own."""
         self.cfg, self.model = cfg, model
         self.device = torch.device(device)
         self.precision = precision
-        self.media = build_media_tokenizer(cfg, self.device)
-        self.encode_text = build_text_conditioner(cfg.text, self.device)
+        self.media = media or build_media_tokenizer(cfg, self.device)
+        self.encode_text = encode_text or build_text_conditioner(cfg.text, self.device)
 
     @torch.no_grad()
     def generate(

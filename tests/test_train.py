@@ -4,6 +4,7 @@ resume, and the command-line contracts of training/main.py and inference/sample_
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 
 from selfflow.configs import ConfigError, load_config
 from selfflow.training import checkpoint as ckpt_io
-from selfflow.training.loop import build_trainer, make_batch, train, train_step
+from selfflow.training.loop import build_trainer, make_batch, restore, save, train, train_step
 from selfflow.training.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,17 +92,12 @@ def test_run_writes_checkpoints_samples_and_config(short_run):
 def test_rerun_resumes_from_latest_and_continues(short_run, tmp_path):
     cfg, _ = short_run
     run_dir = tmp_path / "resumed"
-    import shutil
-
     shutil.copytree(cfg.run.dir, run_dir)
     saved = ckpt_io.latest_checkpoint(run_dir / "checkpoints")
     # a crash mid-save leaves a temporary folder; it must be ignored
     (run_dir / "checkpoints" / ".tmp-step_00000099-x").mkdir()
-    cfg2 = load_config("tiny", [f"data.shards={cfg.data.shards}", f"run.dir={run_dir}", "train.max_steps=60"])
     cfg2 = tiny(Path(cfg.data.shards), run_dir, "train.max_steps=60", "train.ckpt_every=25")
     tr = build_trainer(cfg2)
-    from selfflow.training.loop import restore
-
     restore(tr, saved)
     assert tr.step == 50 and tr.samples_seen == 800
     torch.testing.assert_close(tr.models.student.state_dict(), ckpt_io.load_weights(saved, "model"))
@@ -185,11 +181,18 @@ def test_repa_trains_with_a_local_vision_encoder_that_stays_out_of_checkpoints(f
     assert not any(id(p) in optimized for p in tr.models.encoder.parameters())
     out = train_step(tr, _batch(tr))
     assert torch.isfinite(out.loss).all() and 0 < out.metrics["loss_rep"].item() < 2
-    from selfflow.training.loop import save
-
     ckpt = save(tr, Path(cfg.run.dir))
     saved = set().union(*(ckpt_io.load_weights(ckpt, n).keys() for n in ("model", "ema", "head")))
     assert not any("embeddings" in k or "encoder" in k for k in saved)
     missing = load_config("tiny", [f"data.shards={fmnist_shards}", "objective.name=repa"])
     with pytest.raises(ConfigError, match="repa_encoder"):
         build_trainer(missing)
+
+
+@pytest.mark.gpu
+def test_train_step_on_cuda_with_bf16_autocast(fmnist_shards, tmp_path):
+    tr = build_trainer(tiny(fmnist_shards, tmp_path, "train.device=cuda"))
+    assert tr.device.type == "cuda" and tr.generator.device.type == "cuda"
+    out = train_step(tr, _batch(tr))
+    assert torch.isfinite(out.loss).all() and out.loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in tr.ema.model.parameters())

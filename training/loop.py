@@ -241,7 +241,7 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     if tr.step >= cfg.train.max_steps:
         return {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(latest), "last": last}
     logger, meter = RunLogger(run_dir, resume_step=tr.step), MetricMeter(cfg.train.t_bins, tr.device)
-    sampler = Generator(cfg, tr.ema.model, tr.device, cfg.train.precision)
+    sampler = Generator(cfg, tr.ema.model, tr.device, cfg.train.precision, tr.media, tr.encode_text)
     stream = data_stream(tr, start_epoch=tr.epoch + 1 if latest is not None else 0)
     bar = tqdm(total=cfg.train.max_steps, initial=tr.step, disable=not progress, desc=cfg.objective.name)
     prompts: list[str] = list(cfg.sample.prompts)
