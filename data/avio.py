@@ -1,0 +1,232 @@
+"""Video and audio bytes <-> arrays shaped by a clip spec (PyAV for mp4, soundfile for wav/flac).
+
+    clip = decode_av(mp4_bytes, spec, start=0.5)   # clip.video uint8 [T, H, W, 3], clip.audio float32 [C, N]
+    data = encode_mp4(clip.video, spec.fps, clip.audio, spec.sample_rate)
+
+Alignment. Both streams are placed on the container's clock from their presentation timestamps:
+frame i of the clip is the source frame on screen at `start + i / fps`, and audio sample j is the
+source audio at `start + j / sample_rate` (after resampling to the spec rate and channel count). An
+event at time tau in the source is therefore at frame floor((tau - start) fps) and sample
+round((tau - start) rate) in the clip, which is what the transformer's time ids assume.
+
+A source shorter than the window by more than one video frame is an error (ValueError); a shortfall
+of less than a frame (codec padding, rounding) is filled by holding the last frame and by silence.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+import soundfile
+
+from selfflow.data.decode import resize_center_crop
+from selfflow.tokenizers.spec import ClipSpec
+
+AV_ERRORS = (av.error.FFmpegError, ValueError, OSError, EOFError, IndexError)
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    duration: float  # seconds (the longest stream)
+    has_video: bool
+    has_audio: bool
+    fps: float = 0.0
+    width: int = 0
+    height: int = 0
+    sample_rate: int = 0
+    channels: int = 0
+
+
+@dataclass
+class Clip:
+    video: np.ndarray | None  # uint8 [T, H, W, 3]
+    audio: np.ndarray | None  # float32 [C, N] in [-1, 1]
+
+
+def _open(data: bytes) -> av.container.InputContainer:
+    try:
+        return av.open(io.BytesIO(data), mode="r")
+    except AV_ERRORS as err:
+        raise ValueError(f"cannot open media: {err}") from err
+
+
+def probe(data: bytes) -> MediaInfo:
+    """Streams, duration, frame rate, size and sample rate of an mp4 / any PyAV-readable file."""
+    with _open(data) as box:
+        v = box.streams.video[0] if box.streams.video else None
+        a = box.streams.audio[0] if box.streams.audio else None
+        spans = [float(s.duration * s.time_base) for s in (v, a) if s is not None and s.duration]
+        duration = max(spans) if spans else (box.duration or 0) / 1e6
+        return MediaInfo(
+            duration=duration,
+            has_video=v is not None,
+            has_audio=a is not None,
+            fps=float(v.average_rate or 0) if v is not None else 0.0,
+            width=v.codec_context.width if v is not None else 0,
+            height=v.codec_context.height if v is not None else 0,
+            sample_rate=a.codec_context.sample_rate if a is not None else 0,
+            channels=a.codec_context.channels if a is not None else 0,
+        )
+
+
+def _frames(box: av.container.InputContainer, spec: ClipSpec, start: float) -> np.ndarray:
+    """The spec's frames of the first video stream: [T, H, W, 3] uint8, frame i shown at start + i/fps."""
+    stream = box.streams.video[0]
+    targets = [start + i / spec.fps for i in range(spec.num_frames)]
+    picked: list[np.ndarray | None] = [None] * len(targets)
+    last, last_time, i = None, -math.inf, 0
+    for frame in box.decode(stream):
+        time = float(frame.pts * stream.time_base) if frame.pts is not None else last_time + 1 / spec.fps
+        while i < len(targets) and targets[i] < time - 1e-6:  # the previous frame is on screen at targets[i]
+            picked[i], i = last, i + 1
+        last, last_time = frame, time
+        if i == len(targets):
+            break
+    slack = 1.0 / spec.fps
+    while i < len(targets) and last is not None and targets[i] - last_time <= slack + 1e-6:
+        picked[i], i = last, i + 1  # the last frame stays on screen for one frame interval
+    if i < len(targets) or any(f is None for f in picked):
+        raise ValueError(
+            f"video covers {last_time + slack:.3f}s, the clip needs {start:.3f}..{targets[-1]:.3f}s"
+        )
+    out = [_rgb(f, spec) for f in picked]  # type: ignore[arg-type]
+    return np.stack(out)
+
+
+def _rgb(frame: av.VideoFrame, spec: ClipSpec) -> np.ndarray:
+    img = frame.to_image()  # PIL RGB
+    return np.asarray(resize_center_crop(img, spec.height, spec.width))  # [H, W, 3]
+
+
+def _layout(channels: int) -> str:
+    return "mono" if channels == 1 else "stereo"
+
+
+def _audio_stream(box: av.container.InputContainer, spec: ClipSpec) -> tuple[np.ndarray, float]:
+    """All audio resampled to the spec: ([C, N] float32, time of sample 0 in seconds)."""
+    stream = box.streams.audio[0]
+    resampler = av.AudioResampler(format="fltp", layout=_layout(spec.audio_channels), rate=spec.sample_rate)
+    chunks, first = [], None
+    for frame in box.decode(stream):
+        if first is None:
+            first = float(frame.pts * stream.time_base) if frame.pts is not None else 0.0
+        chunks += [f.to_ndarray() for f in resampler.resample(frame)]
+    chunks += [f.to_ndarray() for f in resampler.resample(None)]
+    if not chunks:
+        raise ValueError("audio stream has no samples")
+    return np.concatenate(chunks, axis=1).astype(np.float32), first or 0.0
+
+
+def _window(audio: np.ndarray, origin: float, spec: ClipSpec, start: float) -> np.ndarray:
+    """Samples [start, start + duration) of audio whose sample 0 is at `origin` seconds -> [C, N]."""
+    n, rate = spec.num_samples, spec.sample_rate
+    offset = round((start - origin) * rate)
+    out = np.zeros((audio.shape[0], n), np.float32)
+    src_lo, src_hi = max(offset, 0), min(offset + n, audio.shape[1])
+    covered = max(src_hi - src_lo, 0)
+    if n - covered > rate / spec.fps + 1:
+        raise ValueError(f"audio covers {covered / rate:.3f}s of the {n / rate:.3f}s clip at {start:.3f}s")
+    if covered:
+        out[:, src_lo - offset : src_hi - offset] = audio[:, src_lo:src_hi]
+    return out
+
+
+def decode_av(
+    data: bytes, spec: ClipSpec, start: float = 0.0, video: bool = True, audio: bool = True
+) -> Clip:
+    """The spec-sized clip at `start` seconds of an mp4's video and/or audio (ValueError if missing)."""
+    with _open(data) as box:
+        try:
+            if video and not box.streams.video:
+                raise ValueError("no video stream")
+            if audio and not box.streams.audio:
+                raise ValueError("no audio stream")
+            frames = _frames(box, spec, start) if video else None
+            if audio:
+                box.seek(0)
+                samples, origin = _audio_stream(box, spec)
+            sound = _window(samples, origin, spec, start) if audio else None
+        except (av.error.FFmpegError, EOFError, IndexError) as err:
+            raise ValueError(f"cannot decode media: {err}") from err
+    return Clip(frames, sound)
+
+
+def decode_audio(data: bytes, spec: ClipSpec, start: float = 0.0) -> np.ndarray:
+    """wav / flac (soundfile), else any PyAV-readable audio -> the spec's [C, N] float32 at `start`."""
+    try:
+        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)  # [N, C]
+    except (soundfile.LibsndfileError, RuntimeError, TypeError):
+        with _open(data) as box:
+            if not box.streams.audio:
+                raise ValueError("no audio stream") from None
+            samples, origin = _audio_stream(box, spec)
+        return _window(samples, origin, spec, start)
+    if wave.shape[0] == 0:
+        raise ValueError("audio has no samples")
+    return _window(resample(wave.T, rate, spec), 0.0, spec, start)
+
+
+def resample(wave: np.ndarray, rate: int, spec: ClipSpec) -> np.ndarray:
+    """[C, N] float32 at `rate` -> [spec.audio_channels, M] at spec.sample_rate (libswresample)."""
+    channels = spec.audio_channels
+    if wave.shape[0] != channels:  # down-mix to mono, or repeat mono to stereo
+        wave = wave.mean(0, keepdims=True).repeat(channels, 0)
+    if rate == spec.sample_rate:
+        return np.ascontiguousarray(wave, dtype=np.float32)
+    frame = av.AudioFrame.from_ndarray(
+        np.ascontiguousarray(wave, np.float32), format="fltp", layout=_layout(channels)
+    )
+    frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
+    resampler = av.AudioResampler(format="fltp", layout=_layout(channels), rate=spec.sample_rate)
+    parts = [f.to_ndarray() for f in resampler.resample(frame)] + [
+        f.to_ndarray() for f in resampler.resample(None)
+    ]
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def encode_mp4(
+    video: np.ndarray, fps: float, audio: np.ndarray | None = None, sample_rate: int = 16_000, crf: int = 18
+) -> bytes:
+    """uint8 [T, H, W, 3] (+ float32 [C, N] audio) -> mp4 bytes: H.264 yuv420p (+ AAC), single-threaded
+    so the same input gives the same bytes (tested after decodes that leave the allocator dirty)."""
+    t, h, w, _ = video.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"H.264 yuv420p needs even sizes, got {h}x{w}")
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as box:
+        vs = box.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        vs.codec_context.thread_count = 1
+        vs.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+        if min(h, w) < 64:  # x264's lookahead reads uninitialised memory on tiny frames: bytes would vary
+            vs.options = {**vs.options, "rc-lookahead": "0", "mbtree": "0"}
+        streams = [vs]
+        if audio is not None:
+            aus = box.add_stream("aac", rate=sample_rate, layout=_layout(audio.shape[0]))
+            streams.append(aus)
+        for i, rgb in enumerate(video):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts = i
+            box.mux(vs.encode(frame))
+        if audio is not None:
+            _encode_audio(box, aus, audio, sample_rate)
+        for s in streams:
+            box.mux(s.encode(None))
+    return buf.getvalue()
+
+
+def _encode_audio(
+    box: av.container.OutputContainer, stream: av.AudioStream, audio: np.ndarray, rate: int
+) -> None:
+    step = 1024
+    wave = np.ascontiguousarray(np.clip(audio, -1, 1), dtype=np.float32)  # [C, N]
+    for lo in range(0, wave.shape[1], step):
+        chunk = np.ascontiguousarray(wave[:, lo : lo + step])
+        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=_layout(wave.shape[0]))
+        frame.sample_rate, frame.pts, frame.time_base = rate, lo, Fraction(1, rate)
+        box.mux(stream.encode(frame))
