@@ -130,8 +130,15 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # a shard directory (from tools/make_shards.py), a glob, or a brace pattern
-    shuffle_buffer: int = 1000
+    """Mixed-task shards (selfflow.data.pipeline): one task per batch, drawn by weight."""
+
+    shards: str = ""  # a tools/make_shards.py output folder (one shard set per task)
+    weights: dict[str, float] = field(
+        default_factory=dict
+    )  # {task: weight}; empty: every task found, equally
+    batch_sizes: dict[str, int] = field(default_factory=dict)  # {task: batch}; missing: train.batch_size
+    shuffle_buffer: int = 256
+    strict: bool = False  # raise on a bad sample instead of skipping and counting it
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from selfflow.configs.schema import Config, ConfigError, save_config
+from selfflow.data.pipeline import DataPipeline
 from selfflow.inference.pipeline import Generator, autocast, image_grid, pick_device, save_image
 from selfflow.models.factory import (
     TextConditioner,
@@ -56,8 +57,8 @@ class Trainer:
     encode_text: TextConditioner
     step: int = 0
     samples_seen: int = 0
-    epoch: int = 0
-    skipped: int = 0  # bad samples the data reader has skipped so far
+    skipped: int = 0  # bad samples the data pipeline has skipped so far
+    data: DataPipeline | None = None  # set by train(); its position is checkpointed
 
 
 def _repa_encoder(cfg: Config, media: MediaTokenizer, device: torch.device) -> Any:
@@ -145,7 +146,8 @@ def save(tr: Trainer, run_dir: Path) -> Path:
         "generator": tr.generator.get_state(),
         "cpu_rng": torch.get_rng_state(),
     }
-    state = {"samples_seen": tr.samples_seen, "epoch": tr.epoch, "ema": tr.ema.meta()}
+    state = {"samples_seen": tr.samples_seen, "ema": tr.ema.meta()}
+    state["data"] = tr.data.state_dict() if tr.data is not None else None
     state["ema_teacher"] = tr.teacher_ema.meta()
     return ckpt_io.save_checkpoint(
         run_dir / "checkpoints", tr.step, weights, trainer, state, tr.cfg, tr.cfg.train.keep_last
@@ -187,32 +189,35 @@ def restore(tr: Trainer, ckpt: Path) -> None:
     tr.scheduler.load_state_dict(trainer["scheduler"])
     tr.generator.set_state(trainer["generator"])
     torch.set_rng_state(trainer["cpu_rng"])
-    tr.step, tr.samples_seen, tr.epoch = int(state["step"]), int(state["samples_seen"]), int(state["epoch"])
+    tr.step, tr.samples_seen = int(state["step"]), int(state["samples_seen"])
+    if tr.data is not None and state.get("data"):
+        tr.data.load_state_dict(
+            state["data"]
+        )  # the next batch is the one the interrupted run would have read
 
 
 # ---------------------------------------------------------------- the loop
 
 
-def data_stream(tr: Trainer, start_epoch: int) -> Iterator[tuple[Batch, list[str]]]:
-    """Endless (batch, captions) from the image shards of `data.shards`."""
-    from selfflow.data.loader import image_batches
-
-    cfg = tr.cfg
-    if not cfg.data.shards:
-        raise ConfigError(
-            "data.shards is empty: build shards with tools/make_shards.py, then data.shards=DIR"
-        )
-    stream = image_batches(
-        cfg.data.shards,
+def build_data(cfg: Config) -> DataPipeline:
+    d = cfg.data
+    return DataPipeline(
+        d.shards,
         cfg.spec,
-        cfg.train.batch_size,
         cfg.seed,
-        start_epoch=start_epoch,
-        shuffle_buffer=cfg.data.shuffle_buffer,
+        d.weights,
+        d.batch_sizes,
+        cfg.train.batch_size,
+        shuffle_buffer=d.shuffle_buffer,
+        strict=d.strict,
     )
-    for item in stream:
-        tr.epoch, tr.skipped = item.epoch, stream.skipped_count
-        yield make_batch(tr, {"image": item.pixels}, item.captions), item.captions
+
+
+def data_stream(tr: Trainer, data: DataPipeline) -> Iterator[tuple[Batch, list[str]]]:
+    """Endless (batch, captions) from the mixed-task pipeline."""
+    for item in data:
+        tr.skipped = data.skipped_count
+        yield make_batch(tr, item.media, item.captions), item.captions
 
 
 def write_samples(tr: Trainer, gen: Generator, prompts: list[str], path: Path) -> Path:
@@ -233,6 +238,7 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
             "data.shards is empty: build shards with tools/make_shards.py, then data.shards=DIR"
         )
     tr = build_trainer(cfg)
+    tr.data = build_data(cfg)
     latest = ckpt_io.latest_checkpoint(run_dir / "checkpoints")
     if latest is not None:
         restore(tr, latest)
@@ -242,7 +248,7 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
         return {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(latest), "last": last}
     logger, meter = RunLogger(run_dir, resume_step=tr.step), MetricMeter(cfg.train.t_bins, tr.device)
     sampler = Generator(cfg, tr.ema.model, tr.device, cfg.train.precision, tr.media, tr.encode_text)
-    stream = data_stream(tr, start_epoch=tr.epoch + 1 if latest is not None else 0)
+    stream = data_stream(tr, tr.data)
     bar = tqdm(total=cfg.train.max_steps, initial=tr.step, disable=not progress, desc=cfg.objective.name)
     prompts: list[str] = list(cfg.sample.prompts)
     saved = latest
