@@ -139,6 +139,7 @@ class DataConfig:
     batch_sizes: dict[str, int] = field(default_factory=dict)  # {task: batch}; missing: train.batch_size
     shuffle_buffer: int = 256
     strict: bool = False  # raise on a bad sample instead of skipping and counting it
+    num_workers: int = 0  # DataLoader processes, each reading its own shards; 0: decode in the main process
 
 
 @dataclass

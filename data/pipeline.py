@@ -242,7 +242,7 @@ class DataPipeline:
             weights[t] for t in self.tasks
         )
         self.batch_sizes = {t: int((batch_sizes or {}).get(t, batch_size)) for t in self.tasks}
-        self.seed, self.rank, self.batches = seed, rank, 0
+        self.seed, self.rank, self.worker, self.batches = seed, rank, worker, 0
         proc = {"rank": rank, "world": world, "worker": worker, "workers": workers}
         self.streams = {
             t: TaskStream(
@@ -255,7 +255,7 @@ class DataPipeline:
         return self
 
     def next_task(self) -> str:
-        rng = np.random.default_rng([self.seed, self.rank, self.batches])
+        rng = np.random.default_rng([self.seed, self.rank, self.worker, self.batches])
         return self.tasks[int(rng.choice(len(self.tasks), p=self.probs))]
 
     def __next__(self) -> MediaBatch:
@@ -282,3 +282,70 @@ class DataPipeline:
         self.batches = int(state["batches"])
         for t, s in state["streams"].items():
             self.streams[t].load_state_dict(s)
+
+
+class _WorkerStream(torch.utils.data.IterableDataset):
+    """Inside DataLoader worker i: the DataPipeline of logical worker (first + i) % workers, yielding
+    (batch, its state after the batch)."""
+
+    def __init__(self, kwargs: dict[str, Any], workers: int, first: int, states: list | None) -> None:
+        super().__init__()
+        self.kwargs, self.workers, self.first, self.states = kwargs, workers, first, states
+
+    def __iter__(self) -> Iterator[tuple[MediaBatch, dict]]:
+        info = torch.utils.data.get_worker_info()
+        logical = (self.first + (info.id if info is not None else 0)) % self.workers
+        pipe = DataPipeline(**self.kwargs, worker=logical, workers=self.workers)
+        if self.states is not None and self.states[logical] is not None:
+            pipe.load_state_dict(self.states[logical])
+        for batch in pipe:
+            yield batch, pipe.state_dict()
+
+
+class WorkerPipeline:
+    """DataPipeline split over `workers` DataLoader processes (each reads its own shards), in a fixed
+    round-robin order, with a state that restores the exact next batch (worker w's own state plus
+    which worker is next).
+
+        pipe = WorkerPipeline(dict(shards="shards/", spec=spec, seed=0), workers=2)
+    """
+
+    def __init__(self, kwargs: dict[str, Any], workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.kwargs, self.workers = kwargs, workers
+        DataPipeline(**kwargs, worker=workers - 1, workers=workers)  # fail now on too few shards / bad tasks
+        self.states: list[dict | None] = [None] * workers
+        self.count = 0  # batches delivered
+        self._loader: Iterator | None = None
+        self.skipped_count = 0
+
+    def _start(self) -> Iterator:
+        first = self.count % self.workers
+        dataset = _WorkerStream(self.kwargs, self.workers, first, self.states)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=self.workers, persistent_workers=False, prefetch_factor=2
+        )
+        return iter(loader)
+
+    def __iter__(self) -> WorkerPipeline:
+        return self
+
+    def __next__(self) -> MediaBatch:
+        if self._loader is None:
+            self._loader = self._start()
+        batch, state = next(self._loader)
+        self.states[self.count % self.workers] = state
+        self.count += 1
+        self.skipped_count = sum(
+            t["skipped_count"] for st in self.states if st is not None for t in st["streams"].values()
+        )
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"workers": self.workers, "count": self.count, "states": list(self.states)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["workers"]) != self.workers:
+            raise ValueError(f"data state is for {state['workers']} workers, this run has {self.workers}")
+        self.count, self.states, self._loader = int(state["count"]), list(state["states"]), None

@@ -4,6 +4,7 @@ their keys, strict mode, rank split, and exact save/restore of the stream positi
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from selfflow.configs import load_config
 from selfflow.data.avio import encode_mp4
 from selfflow.data.loader import resolve_shards
-from selfflow.data.pipeline import DataError, DataPipeline, TaskStream
+from selfflow.data.pipeline import DataError, DataPipeline, TaskStream, WorkerPipeline
 from selfflow.data.shards import ShardWriter
 
 SPEC = load_config("tiny").spec  # 1 s, 8 fps, 32x32, 16 kHz mono
@@ -136,3 +137,24 @@ def test_ranks_read_disjoint_shards_and_too_many_processes_fail_at_start(shards)
         TaskStream("av", av, SPEC, world=3, workers=2)
     with pytest.raises(FileNotFoundError, match="video"):
         DataPipeline(shards, SPEC, weights={"video": 1})
+
+
+def test_worker_pipeline_splits_shards_and_restores_the_exact_next_batch(shards):
+    kw = dict(
+        shards=shards, spec=SPEC, seed=2, weights={"av": 1, "audio": 1}, batch_sizes={"av": 2, "audio": 2}
+    )
+    a = WorkerPipeline(kw, workers=2)
+    first = [next(a) for _ in range(5)]
+    state = json.loads(json.dumps(a.state_dict()))  # what a checkpoint stores
+    expected = [next(a) for _ in range(4)]
+    b = WorkerPipeline(kw, workers=2)
+    b.load_state_dict(state)
+    for want in expected:
+        got = next(b)
+        assert (got.task, got.keys) == (want.task, want.keys)
+        assert all(torch.equal(got.media[m], want.media[m]) for m in want.media)
+    assert {k for x in first for k in x.keys} <= {f"av_{i:03d}" for i in range(12)} | {
+        f"audio_{i:03d}" for i in range(6)
+    }
+    with pytest.raises(ValueError, match="every process needs a shard"):
+        WorkerPipeline({**kw, "weights": {"audio": 1}}, workers=3)  # 2 audio shards

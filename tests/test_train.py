@@ -198,9 +198,11 @@ def test_train_step_on_cuda_with_bf16_autocast(fmnist_shards, tmp_path):
     assert all(p.dtype == torch.float32 for p in tr.ema.model.parameters())
 
 
-def test_interrupted_run_resumes_exactly(fmnist_shards, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_interrupted_run_resumes_exactly(fmnist_shards, tmp_path, workers):
     """K steps, stop, resume to 2K == 2K straight: same logged losses, same weights (CPU, bitwise)."""
     common = ("train.batch_size=8", "train.log_every=1", "train.ckpt_every=4", "train.teacher_decay=-1")
+    common = (*common, f"data.num_workers={workers}")
     straight = tiny(fmnist_shards, tmp_path / "a", "train.max_steps=8", *common)
     train(straight, progress=False)
     train(tiny(fmnist_shards, tmp_path / "b", "train.max_steps=4", *common), progress=False)

@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from selfflow.configs.schema import Config, ConfigError, save_config
-from selfflow.data.pipeline import DataPipeline
+from selfflow.data.pipeline import DataPipeline, WorkerPipeline
 from selfflow.inference.pipeline import Generator, autocast, image_grid, pick_device, save_image
 from selfflow.models.factory import (
     TextConditioner,
@@ -58,7 +58,7 @@ class Trainer:
     step: int = 0
     samples_seen: int = 0
     skipped: int = 0  # bad samples the data pipeline has skipped so far
-    data: DataPipeline | None = None  # set by train(); its position is checkpointed
+    data: DataPipeline | WorkerPipeline | None = None  # set by train(); its position is checkpointed
 
 
 def _repa_encoder(cfg: Config, media: MediaTokenizer, device: torch.device) -> Any:
@@ -199,21 +199,23 @@ def restore(tr: Trainer, ckpt: Path) -> None:
 # ---------------------------------------------------------------- the loop
 
 
-def build_data(cfg: Config) -> DataPipeline:
+def build_data(cfg: Config) -> DataPipeline | WorkerPipeline:
+    """The mixed-task pipeline of `data.*`, in this process or over `data.num_workers` processes."""
     d = cfg.data
-    return DataPipeline(
-        d.shards,
-        cfg.spec,
-        cfg.seed,
-        d.weights,
-        d.batch_sizes,
-        cfg.train.batch_size,
+    kwargs = dict(
+        shards=d.shards,
+        spec=cfg.spec,
+        seed=cfg.seed,
+        weights=d.weights,
+        batch_sizes=d.batch_sizes,
+        batch_size=cfg.train.batch_size,
         shuffle_buffer=d.shuffle_buffer,
         strict=d.strict,
     )
+    return WorkerPipeline(kwargs, d.num_workers) if d.num_workers > 0 else DataPipeline(**kwargs)
 
 
-def data_stream(tr: Trainer, data: DataPipeline) -> Iterator[tuple[Batch, list[str]]]:
+def data_stream(tr: Trainer, data: DataPipeline | WorkerPipeline) -> Iterator[tuple[Batch, list[str]]]:
     """Endless (batch, captions) from the mixed-task pipeline."""
     for item in data:
         tr.skipped = data.skipped_count
