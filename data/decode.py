@@ -1,7 +1,7 @@
 """Pure image decoding and geometry, shared by the shard tool and the training reader.
 
 No torch here: the offline tools import this module and should start fast. Video and audio
-decoders (PyAV) join this file when those modalities arrive.
+(PyAV, soundfile) live in `avio.py`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import re
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # Shard field of an encoded image, keyed by the format PIL detects in the bytes.
 IMAGE_FIELD_OF_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
@@ -23,6 +23,8 @@ def open_image(data: bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+    except UnidentifiedImageError as err:  # its message holds the buffer's address: not reproducible
+        raise ValueError("cannot decode image: not a known image format") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot decode image: {err}") from err
     if img.width < 1 or img.height < 1:

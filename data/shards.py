@@ -5,10 +5,11 @@ A shard is a plain tar in which the files of one sample sit next to each other a
 file name up to its first dot, the field is the rest). Shards of one set are named
 `<name>-000000.tar`, `<name>-000001.tar`, ...
 
-The writer makes reruns byte-identical: every tar header has the same mtime, owner and mode, the
-fields of a sample are written in sorted order, and nothing depends on the clock or the machine. Each
-shard is written to `<file>.tmp` and renamed only once it is complete, so a crash never leaves a
-half-written shard under a real name.
+The writers make reruns byte-identical: every tar header has the same mtime, owner and mode, the
+fields of a sample are written in sorted order, and nothing depends on the clock or the machine. A
+shard (`ShardFile`) is written to `<file>.tmp` and renamed only once it is complete, so a crash never
+leaves a half-written shard under a real name. `ShardWriter` rolls over to the next shard when
+`ShardLimits` says the current one is full, a rule that depends only on the samples in that shard.
 """
 
 from __future__ import annotations
@@ -88,81 +89,117 @@ def _header(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+class ShardFile:
+    """One shard being written: members go to `<path>.tmp`, which `finish()` renames to `<path>`.
+
+    Use as a context manager: on an exception the temporary file is deleted.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.temp = self.path.with_name(self.path.name + TEMP_SUFFIX)
+        self.samples = self.bytes = 0  # samples written, tar bytes of their members
+        # both stay open across add() calls; finish() or abort() closes them
+        self._file = open(self.temp, "wb")  # noqa: SIM115
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)  # noqa: SIM115
+
+    def add(self, sample: Sample) -> None:
+        key = check_key(str(sample.get("__key__", "")))
+        payloads = _payloads(sample)
+        for field, data in payloads:
+            self._tar.addfile(_header(f"{key}.{field}", len(data)), io.BytesIO(data))
+        self.samples += 1
+        self.bytes += _tar_size(payloads)
+
+    def finish(self) -> ShardInfo:
+        """Close the tar, flush it to disk and give it its real name."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.temp, self.path)
+        return ShardInfo(self.path.name, self.samples, self.path.stat().st_size, sha256_file(self.path))
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    """When a shard is full: `max_samples` samples, or about `max_mb` megabytes (a sample larger than
+    that still gets a shard of its own)."""
+
+    max_samples: int | None = None
+    max_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
+        if self.max_mb is not None and self.max_mb <= 0:
+            raise ValueError(f"max_mb must be positive, got {self.max_mb}")
+
+    def full(self, shard: ShardFile, incoming: Sample) -> bool:
+        """Whether `incoming` must start a new shard instead of joining `shard`."""
+        if shard.samples == 0:
+            return False
+        if self.max_samples is not None and shard.samples >= self.max_samples:
+            return True
+        if self.max_mb is None:
+            return False
+        return shard.bytes + _tar_size(_payloads(incoming)) + _END > int(self.max_mb * 1_000_000)
+
+
+def shard_path(folder: str | Path, name: str, index: int) -> Path:
+    return Path(folder) / SHARD_NAME.format(name=name, index=index)
+
+
 class ShardWriter:
-    """Writes samples into `<folder>/<name>-%06d.tar`, starting a new shard when the current one holds
-    `max_samples` samples or the next sample would take it past about `max_mb` megabytes (a sample
-    larger than `max_mb` gets a shard of its own). `close()` returns one ShardInfo per shard.
+    """Writes samples into `<folder>/<name>-%06d.tar` (from `start_index` on), starting a new shard when
+    the current one is full (see ShardLimits). `close()` returns one ShardInfo per shard.
 
     Use as a context manager: on an exception the unfinished shard's temporary file is deleted.
     """
 
     def __init__(
-        self, folder: str | Path, name: str, *, max_samples: int | None = None, max_mb: float | None = None
+        self,
+        folder: str | Path,
+        name: str,
+        *,
+        max_samples: int | None = None,
+        max_mb: float | None = None,
+        start_index: int = 0,
     ) -> None:
         if not KEY_PATTERN.fullmatch(name):
             raise ValueError(f"shard set name {name!r} must use only letters, digits, '_' and '-'")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be at least 1, got {max_samples}")
-        if max_mb is not None and max_mb <= 0:
-            raise ValueError(f"max_mb must be positive, got {max_mb}")
         self.folder, self.name = Path(folder), name
-        self.max_samples = max_samples
-        self.max_bytes = None if max_mb is None else int(max_mb * 1_000_000)
+        self.limits = ShardLimits(max_samples, max_mb)
         self.shards: list[ShardInfo] = []
-        self._tar: tarfile.TarFile | None = None
-        self._file: io.BufferedWriter | None = None
-        self._count = self._size = 0
+        self._start = start_index
+        self._shard: ShardFile | None = None
 
-    # ------------------------------------------------------------------ writing
     def write(self, sample: Sample) -> None:
-        key = check_key(str(sample.get("__key__", "")))
-        payloads = _payloads(sample)
-        size = _tar_size(payloads)
-        if self._tar is not None and self._full(size):
-            self._finish()
-        if self._tar is None:
-            self._start()
-        for field, data in payloads:
-            self._tar.addfile(_header(f"{key}.{field}", len(data)), io.BytesIO(data))
-        self._count += 1
-        self._size += size
-
-    def _full(self, incoming: int) -> bool:
-        if self.max_samples is not None and self._count >= self.max_samples:
-            return True
-        return self.max_bytes is not None and self._size + incoming + _END > self.max_bytes
-
-    def _path(self, index: int) -> Path:
-        return self.folder / SHARD_NAME.format(name=self.name, index=index)
-
-    def _start(self) -> None:
-        final = self._path(len(self.shards))
-        # both stay open across write() calls; _finish or _abort closes them
-        self._file = open(final.with_name(final.name + TEMP_SUFFIX), "wb")  # noqa: SIM115
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)  # noqa: SIM115
-        self._count = self._size = 0
-
-    def _finish(self) -> None:
-        final = self._path(len(self.shards))
-        temp = final.with_name(final.name + TEMP_SUFFIX)
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._tar = self._file = None
-        os.replace(temp, final)
-        self.shards.append(ShardInfo(final.name, self._count, final.stat().st_size, sha256_file(final)))
-
-    def _abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            temp = self._path(len(self.shards))
-            temp.with_name(temp.name + TEMP_SUFFIX).unlink(missing_ok=True)
-        self._tar = self._file = None
+        check_key(str(sample.get("__key__", "")))
+        if self._shard is not None and self.limits.full(self._shard, sample):
+            self.shards.append(self._shard.finish())
+            self._shard = None
+        if self._shard is None:
+            index = self._start + len(self.shards)
+            self._shard = ShardFile(shard_path(self.folder, self.name, index))
+        self._shard.add(sample)
 
     def close(self) -> list[ShardInfo]:
-        if self._tar is not None:
-            self._finish()
+        if self._shard is not None:
+            self.shards.append(self._shard.finish())
+            self._shard = None
         return list(self.shards)
 
     def __enter__(self) -> ShardWriter:
@@ -171,8 +208,9 @@ class ShardWriter:
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if exc_type is None:
             self.close()
-        else:
-            self._abort()
+        elif self._shard is not None:
+            self._shard.abort()
+            self._shard = None
 
 
 # ---------------------------------------------------------------------- reading

@@ -80,3 +80,15 @@ def test_wav_is_resampled_to_the_spec_rate_keeping_event_times():
     assert [i / SPEC.sample_rate for i in onsets(audio)] == pytest.approx([1.25], abs=1e-3)
     with pytest.raises(ValueError):
         decode_audio(b"RIFF0000WAVEjunk", SPEC)
+
+
+@pytest.mark.parametrize("size", [64])
+def test_noisy_clips_encode_to_the_same_bytes_every_time(size):
+    rng = np.random.default_rng(size)
+    for c in range(4):
+        video = np.full((16, size, size, 3), 30, np.uint8)  # [T, H, W, 3]
+        for f in range(16):
+            x = (3 * f + c) % (size - 8)
+            video[f, 16:24, x : x + 8] = (255, 10 * c, 0)
+        video = np.clip(video + rng.integers(0, 20, video.shape), 0, 255).astype(np.uint8)
+        assert len({encode_mp4(video, 8) for _ in range(4)}) == 1

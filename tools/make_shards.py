@@ -1,22 +1,24 @@
 #!/usr/bin/env python
-"""Pack a folder of captioned media into WebDataset shards, with a manifest and a verify pass.
+"""Pack captioned images, videos and audio into WebDataset shards, one shard set per task.
 
-    python tools/make_shards.py --input DIR --output OUT [--name NAME] [--shard-samples N]
-                                [--shard-mb M] [--size HxW] [--verify]
+    python tools/make_shards.py --input DIR_OR_MANIFEST --output OUT [--spec tiny] [--workers 4] [--verify]
     python tools/make_shards.py --output OUT --verify      # only check existing shards
 
-Input: the top level of DIR. Each media file `<stem>.<ext>` needs a caption `<stem>.txt` and may have
-metadata `<stem>.json` (an object). Only images for now: png, jpg/jpeg, webp. Every image is fully
-decoded and checked before it is written; a file that fails (corrupt image, missing or empty caption,
-bad JSON, unknown type, a sidecar with no media) is skipped and listed in OUT/skipped.jsonl as
-{"path", "reason"}. The run fails only when nothing valid remains.
+Input: a folder (`x.jpg` / `x.mp4` / `x.wav` / `x.flac` + caption `x.txt`, optional `x.json`), or a
+JSONL / CSV manifest with `path`, `caption` and optional `key` and metadata (see `data/inputs.py`).
 
-Output: one shard set per task, `OUT/image-000000.tar`, ... (`--name` renames the set), holding
-`__key__`, the image (`png`, or the original `jpg` / `webp` bytes; `png` after --size), `txt` and
-`json` per sample, sorted by key; OUT/manifest.json with counts, resolutions, per-shard sample counts
-and sha256, and the arguments. Reruns with the same arguments give byte-identical shards; stale shards
-of the set from an earlier, larger run are deleted. Later modalities (video, audio, av) add a suffix
-table entry and a `prepare_*` function each.
+Output in OUT: `image-000000.tar`, `video-...`, `audio-...`, `av-...` (an mp4 with an audio track goes
+to `av`, one without to `video`); each sample holds `__key__`, its media (`png` / `jpg` / `webp`,
+`mp4`, or `flac`), `txt` and `json`. `manifest.json` records counts, resolutions, durations, the
+options and every shard's sample count and sha256; `skipped.jsonl` lists each rejected input with its
+reason; `progress.jsonl` lets an interrupted run resume. Every input is decoded before it is written.
+
+`--size` / `--video-size` / `--fps` / `--duration` / `--sample-rate`, or `--spec PRESET` for all of them
+from a config's clip spec, re-encode media to that shape (see `data/packing.py`); without them the
+original bytes are stored. `--no-audio` sends every mp4 to `video` without its audio track;
+`--latents DIR` adds codec latents (`data/latents.py`). Reruns with the same arguments rewrite nothing
+that is already correct, and the shards are byte-identical whatever `--workers` or interruptions
+happened (given a deterministic encoder: see `data/avio.py`).
 """
 
 from __future__ import annotations
@@ -24,181 +26,111 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import multiprocessing
 import os
-import re
 import sys
-import tarfile
 import tempfile
+import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
-from selfflow.data.decode import (
-    IMAGE_FIELD_OF_FORMAT,
-    IMAGE_FIELDS,
-    normalize_mode,
-    open_image,
-    parse_size,
-    png_bytes,
-    resize_center_crop,
-)
-from selfflow.data.shards import (
-    KEY_PATTERN,
-    TEMP_SUFFIX,
-    ShardInfo,
-    ShardWriter,
-    iter_tar_samples,
-    sha256_file,
-)
+from tqdm import tqdm
 
-MANIFEST, SKIPPED = "manifest.json", "skipped.jsonl"
-FORMAT = "selfflow-shards/1"
-TASK_OF_SUFFIX = {".png": "image", ".jpg": "image", ".jpeg": "image", ".webp": "image"}
-SIDECARS = (".txt", ".json")
-MEDIA_FIELDS = {"image": IMAGE_FIELDS}  # a stored sample of the task holds one of these fields
+from selfflow.data.decode import parse_size
+from selfflow.data.inputs import Entry, Skip, fingerprint, scan_inputs
+from selfflow.data.latents import LatentOptions, check_latents
+from selfflow.data.packing import TASKS, Outcome, Prepared, Target, prepare
+from selfflow.data.shards import TEMP_SUFFIX, ShardLimits
+from selfflow.data.shardsets import MANIFEST, Progress, TaskShards, remove_stale, sample_stats, verify
+from selfflow.tokenizers.spec import ClipSpec
+
+SKIPPED = "skipped.jsonl"
+FORMAT = "selfflow-shards/2"
 
 
-@dataclass(frozen=True)
-class Entry:
-    key: str
-    task: str
-    media: Path
-    caption: Path | None
-    meta: Path | None
+# ---------------------------------------------------------------------- building
+@dataclass
+class _Run:
+    """One pass over the inputs: which to prepare, in what order, and where their samples go."""
+
+    entries: list[Entry]
+    target: Target
+    progress: Progress
+    sets: dict[str, TaskShards]
+    latents: LatentOptions | None = None
+    workers: int = 1
+    quiet: bool = False
+
+    def plan(self) -> list[Outcome | None]:
+        """Per entry, its logged outcome if nothing of it needs writing again, else None (prepare it)."""
+        planned: list[Outcome | None] = []
+        positions: Counter = Counter()
+        for entry in self.entries:
+            known = self.progress.outcomes.get(entry.key)
+            if known is None:  # the log holds a prefix of the inputs: the rest is prepared again
+                return planned + [None] * (len(self.entries) - len(planned))
+            if known.reason is None:
+                covered = self.sets[known.task].covered(positions[known.task], len(known.samples))
+                positions[known.task] += len(known.samples)
+                known = known if covered else None
+            planned.append(known)
+        return planned
+
+    def outcomes(self, planned: list[Outcome | None]) -> Iterator[tuple[Outcome, bool]]:
+        """(outcome, fresh) in input order: planned ones as they are, the others prepared now."""
+        todo = [e for e, p in zip(self.entries, planned, strict=True) if p is None]
+        work = partial(prepare, target=self.target, latents=self.latents)
+        with contextlib.ExitStack() as stack:
+            if self.workers > 1 and len(todo) > 1:  # imap keeps the input order
+                pool = stack.enter_context(
+                    multiprocessing.get_context("spawn").Pool(min(self.workers, len(todo)))
+                )
+                fresh = pool.imap(work, todo)
+            else:
+                fresh = map(work, todo)
+            yield from ((p, False) if p is not None else (next(fresh), True) for p in planned)
+
+    def write(self) -> tuple[list[Skip], list[Outcome]]:
+        """Feed every outcome to its task's shards; returns the rejected inputs and the accepted outcomes."""
+        skips, accepted, taken = [], [], set()
+        with tqdm(total=len(self.entries), unit="input", disable=self.quiet, file=sys.stderr) as bar:
+            for outcome, fresh in self.outcomes(self.plan()):
+                keys = [s.key for s in outcome.samples]
+                clash = next((k for k in keys if k in taken), None)
+                if outcome.reason is None and clash is not None:
+                    outcome = Outcome(
+                        outcome.key, outcome.path, reason=f"sample key {clash!r} is already taken"
+                    )
+                if fresh:
+                    self.progress.record_outcome(outcome)
+                if outcome.reason is not None:
+                    skips.append(Skip(outcome.path, outcome.reason))
+                    bar.set_postfix(skipped=len(skips), refresh=False)
+                elif fresh:
+                    for sample in outcome.samples:
+                        self.sets[outcome.task].add({"__key__": sample.key, **sample.fields})
+                else:
+                    self.sets[outcome.task].skip(len(outcome.samples))
+                if outcome.reason is None:  # keep its statistics, not its media
+                    taken.update(keys)
+                    samples = [Prepared(s.key, {}, s.stats) for s in outcome.samples]
+                    accepted.append(Outcome(outcome.key, outcome.path, outcome.task, samples))
+                bar.update()
+        return skips, accepted
 
 
-@dataclass(frozen=True)
-class Skip:
-    path: str
-    reason: str
-
-
-# ---------------------------------------------------------------------- scanning and validation
-def scan(folder: Path) -> tuple[list[Entry], list[Skip]]:
-    """Group the top-level files of `folder` by stem into entries; everything unusable becomes a Skip."""
-    groups: dict[str, list[Path]] = {}
-    skips: list[Skip] = []
-    for path in sorted(folder.iterdir()):
-        suffix = path.suffix.lower()
-        if path.is_dir():
-            skips.append(Skip(str(path), "subfolder (only the top level of --input is read)"))
-        elif suffix in TASK_OF_SUFFIX or suffix in SIDECARS:
-            groups.setdefault(path.stem, []).append(path)
-        else:
-            skips.append(Skip(str(path), f"unknown file type {suffix or '(no extension)'!r}"))
-    entries: list[Entry] = []
-    used: dict[str, Path] = {}
-    for stem, paths in sorted(groups.items()):
-        media = [p for p in paths if p.suffix.lower() in TASK_OF_SUFFIX]
-        sidecars = {p.suffix.lower(): p for p in paths if p.suffix.lower() in SIDECARS}
-        if not media:
-            skips.extend(Skip(str(p), "no media file with this name") for p in paths)
-            continue
-        skips.extend(Skip(str(p), f"another media file is named {stem!r}") for p in media[1:])
-        key = re.sub(r"[^A-Za-z0-9_-]", "_", stem)
-        if key in used:
-            skips.append(Skip(str(media[0]), f"key {key!r} is already taken by {used[key].name}"))
-            continue
-        used[key] = media[0]
-        task = TASK_OF_SUFFIX[media[0].suffix.lower()]
-        entries.append(Entry(key, task, media[0], sidecars.get(".txt"), sidecars.get(".json")))
-    return entries, sorted(skips, key=lambda s: s.path)
-
-
-def read_caption(path: Path | None) -> str:
-    if path is None:
-        raise ValueError("missing caption (.txt)")
-    try:
-        caption = path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as err:
-        raise ValueError("caption is not UTF-8") from err
-    if not caption:
-        raise ValueError("empty caption")
-    return caption
-
-
-def read_meta(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"metadata is not valid JSON: {err}") from err
-    if not isinstance(meta, dict):
-        raise ValueError("metadata JSON is not an object")
-    return meta
-
-
-def prepare_image(path: Path, size: tuple[int, int] | None) -> tuple[dict[str, bytes], str]:
-    """The stored image field and its "HxW" resolution. Original bytes are kept unless the image is
-    resized or in a format the loader does not read; then it becomes a lossless PNG."""
-    data = path.read_bytes()
-    img = open_image(data)
-    field = IMAGE_FIELD_OF_FORMAT.get(img.format)
-    if size is not None or field is None:
-        img = normalize_mode(img)
-        if size is not None:
-            img = resize_center_crop(img, *size)
-        data, field = png_bytes(img), "png"
-    return {field: data}, f"{img.height}x{img.width}"
-
-
-PREPARE: dict[str, Callable[[Path, tuple[int, int] | None], tuple[dict[str, bytes], str]]] = {
-    "image": prepare_image
-}
-
-
-def build_sample(entry: Entry, size: tuple[int, int] | None) -> tuple[dict, str]:
-    """A shard sample for the entry and its resolution; ValueError or OSError names what is wrong."""
-    caption, meta = read_caption(entry.caption), read_meta(entry.meta)
-    media, resolution = PREPARE[entry.task](entry.media, size)
-    sample = {"__key__": entry.key, **media, "txt": caption, "json": json.dumps(meta, sort_keys=True)}
-    return sample, resolution
-
-
-# ---------------------------------------------------------------------- writing
 def _atomic_write(path: Path, text: str) -> None:
     temp = path.with_name(path.name + TEMP_SUFFIX)
     temp.write_text(text, encoding="utf-8")
     os.replace(temp, path)
 
 
-def _remove_stale(output: Path, name: str, keep: list[ShardInfo]) -> None:
-    """Delete shards of this set left by an earlier run that wrote more of them, and orphaned temps."""
-    kept = {info.file for info in keep}
-    pattern = re.compile(re.escape(name) + r"-\d{6}\.tar(" + re.escape(TEMP_SUFFIX) + ")?")
-    for path in output.iterdir():
-        if pattern.fullmatch(path.name) and path.name not in kept:
-            path.unlink()
-
-
-def write_shards(entries: list[Entry], args: argparse.Namespace) -> tuple[dict, dict, list[Skip]]:
-    """Shard infos per task and resolution counts per task; the entries that failed become skips."""
-    writers: dict[str, ShardWriter] = {}
-    resolutions: dict[str, Counter] = {}
-    skips: list[Skip] = []
-    with contextlib.ExitStack() as stack:
-        for entry in entries:
-            try:
-                sample, resolution = build_sample(entry, args.size)
-            except (ValueError, OSError) as err:
-                skips.append(Skip(str(entry.media), str(err)))
-                continue
-            if entry.task not in writers:
-                name = args.name or entry.task
-                writer = ShardWriter(args.output, name, max_samples=args.shard_samples, max_mb=args.shard_mb)
-                writers[entry.task] = stack.enter_context(writer)
-            writers[entry.task].write(sample)
-            resolutions.setdefault(entry.task, Counter())[resolution] += 1
-    shards = {task: writer.shards for task, writer in writers.items()}
-    for task, infos in shards.items():
-        _remove_stale(args.output, args.name or task, infos)
-    return shards, {task: dict(sorted(c.items())) for task, c in resolutions.items()}, skips
-
-
-def check_output(output: Path, source: Path | None) -> None:
-    if source is not None and output.resolve() == source.resolve():
+def check_output(output: Path, source: Path) -> None:
+    if output.resolve() == source.resolve():
         raise ValueError(f"--output {output} must differ from --input")
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -210,12 +142,30 @@ def check_output(output: Path, source: Path | None) -> None:
 
 def build(args: argparse.Namespace) -> str:
     """Scan, validate, write shards, skipped.jsonl and manifest.json; returns a summary line."""
-    if not args.input.is_dir():
-        raise ValueError(f"input folder {args.input} does not exist")
+    began = time.perf_counter()
+    entries, skips = scan_inputs(args.input)
     check_output(args.output, args.input)
-    entries, skips = scan(args.input)
-    shards, resolutions, failed = write_shards(entries, args)
-    skips = sorted(skips + failed, key=lambda s: s.path)
+    (args.output / MANIFEST).unlink(missing_ok=True)  # written again at the end; until then, none is true
+    limits = ShardLimits(args.shard_samples, args.shard_mb)
+    options = {"format": FORMAT, "target": asdict(args.target), "limits": asdict(limits)}
+    if args.latent_options is not None:
+        check_latents(args.latent_options)
+        options["latents"] = args.latent_options.stamp()
+    progress = Progress(args.output, fingerprint(args.input, entries) + json.dumps(options, sort_keys=True))
+    sets = {
+        t: TaskShards(args.output, t, limits, progress.shards.get(t, {}), progress.record_shard)
+        for t in TASKS
+    }
+    try:
+        run = _Run(entries, args.target, progress, sets, args.latent_options, args.workers, args.quiet)
+        failed, accepted = run.write()
+        shards = {task: infos for task, s in sets.items() if (infos := s.close())}
+    finally:
+        for s in sets.values():
+            s.abort()  # an unfinished shard's temporary file (nothing after close())
+        progress.close()
+    remove_stale(args.output, shards)
+    skips = sorted(skips + failed, key=lambda s: (s.path, s.reason))
     _atomic_write(args.output / SKIPPED, "".join(json.dumps(asdict(s)) + "\n" for s in skips))
     counts = {task: sum(info.samples for info in infos) for task, infos in shards.items()}
     if not counts:
@@ -226,60 +176,20 @@ def build(args: argparse.Namespace) -> str:
         "format": FORMAT,
         "counts": counts,
         "skipped": len(skips),
-        "resolutions": resolutions,
+        **sample_stats(accepted),
+        "spec": {**asdict(args.target), "preset": args.spec},
+        "latents": args.latent_options.sources() if args.latent_options else {},
         "shards": {task: [info.to_json() for info in infos] for task, infos in shards.items()},
-        "args": {
-            "input": str(args.input),
-            "name": args.name,
-            "shard_samples": args.shard_samples,
-            "shard_mb": args.shard_mb,
-            "size": None if args.size is None else "{}x{}".format(*args.size),
-        },
+        "args": _args_record(args),
     }
     _atomic_write(args.output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     written = ", ".join(f"{n} {task} samples in {len(shards[task])} shard(s)" for task, n in counts.items())
-    return f"wrote {written} to {args.output}; skipped {len(skips)} (see {args.output / SKIPPED})"
-
-
-# ---------------------------------------------------------------------- verification
-def _sample_problem(sample: dict, task: str) -> str | None:
-    if not any(field in sample for field in MEDIA_FIELDS[task]):
-        return f"{sample['__key__']}: no {task} field"
-    if not sample.get("txt", b"").strip():
-        return f"{sample['__key__']}: no caption"
-    return None
-
-
-def verify(output: Path) -> list[str]:
-    """Re-read every shard in the manifest; the list of mismatches is empty when all is well."""
-    path = output / MANIFEST
-    if not path.is_file():
-        raise ValueError(f"no {MANIFEST} in {output}; nothing to verify")
-    manifest = json.loads(path.read_text())
-    problems: list[str] = []
-    for task, infos in manifest["shards"].items():
-        total = 0
-        for info in infos:
-            shard = output / info["file"]
-            if not shard.is_file():
-                problems.append(f"{info['file']}: missing")
-                continue
-            if sha256_file(shard) != info["sha256"]:
-                problems.append(f"{info['file']}: sha256 differs from the manifest")
-            try:
-                samples = list(iter_tar_samples(shard))
-            except (tarfile.TarError, OSError) as err:
-                problems.append(f"{info['file']}: unreadable ({err})")
-                continue
-            problems += [p for p in (_sample_problem(s, task) for s in samples) if p]
-            if len(samples) != info["samples"]:
-                problems.append(f"{info['file']}: {len(samples)} samples, manifest says {info['samples']}")
-            total += len(samples)
-        if total != manifest["counts"].get(task):
-            problems.append(
-                f"{task}: {total} samples in shards, manifest counts {manifest['counts'].get(task)}"
-            )
-    return problems
+    kept = sum(s.kept for s in sets.values())
+    seconds = time.perf_counter() - began
+    return (
+        f"wrote {written} to {args.output}; skipped {len(skips)} (see {args.output / SKIPPED}); "
+        f"{kept} shard(s) kept from an earlier run; {len(entries)} inputs in {seconds:.1f}s"
+    )
 
 
 # ---------------------------------------------------------------------- command line
@@ -295,22 +205,126 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def _positive(kind: type) -> Callable[[str], float | int]:
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+        return value
+
+    return parse
+
+
+def _parser() -> _Parser:
+    p = _Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", type=Path, help="folder of media + .txt (+ .json), or a .jsonl / .csv manifest")
+    p.add_argument("--output", type=Path, required=True, help="folder for shards and manifest")
+    p.add_argument("--shard-samples", type=_positive(int), help="at most this many samples per shard")
+    p.add_argument(
+        "--shard-mb", type=_positive(float), default=256.0, help="about this many MB per shard at most"
+    )
+    p.add_argument("--spec", help="config preset (tiny) or YAML whose clip spec sets the 5 options below")
+    p.add_argument("--size", type=_size, help="resize and centre-crop images to HxW (PNG)")
+    p.add_argument("--video-size", type=_size, help="re-encode videos at HxW (even numbers)")
+    p.add_argument("--fps", type=_positive(float), help="re-encode videos at this frame rate")
+    p.add_argument(
+        "--duration", type=_positive(float), help="cut video / audio into clips of this many seconds"
+    )
+    p.add_argument("--sample-rate", type=_positive(int), help="re-encode audio at this rate (Hz)")
+    p.add_argument(
+        "--no-audio", action="store_true", help="drop mp4 audio tracks: every mp4 is a video sample"
+    )
+    p.add_argument(
+        "--latents",
+        action="append",
+        metavar="DIR",
+        help="also store latents from this diffusers autoencoder folder (needs --spec; repeat for audio)",
+    )
+    p.add_argument("--workers", type=_positive(int), default=1, help="processes decoding / encoding inputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verify", action="store_true", help="re-read the shards and check the manifest")
+    return p
+
+
+def _target(args: argparse.Namespace, spec: ClipSpec | None) -> Target:
+    """The re-encoding target: the preset's clip spec (if any), overridden by explicit options."""
+    base: dict = {}
+    if spec is not None:
+        base = {
+            "image_size": (spec.image_height, spec.image_width),
+            "video_size": (spec.height, spec.width),
+            "fps": spec.fps,
+            "duration": spec.duration,
+            "sample_rate": spec.sample_rate,
+            "audio_channels": spec.audio_channels,
+        }
+    given = {
+        "image_size": args.size,
+        "video_size": args.video_size,
+        "fps": args.fps,
+        "duration": args.duration,
+        "sample_rate": args.sample_rate,
+    }
+    return Target(**(base | {k: v for k, v in given.items() if v is not None}), no_audio=args.no_audio)
+
+
+def _latent_options(args: argparse.Namespace, spec: ClipSpec) -> LatentOptions:
+    """The preset's spec with the explicit options applied: the geometry the codecs must fit."""
+    t = args.target
+    spec = replace(
+        spec,
+        duration=t.duration,
+        fps=t.fps,
+        height=t.video_size[0],
+        width=t.video_size[1],
+        sample_rate=t.sample_rate,
+        image_height=t.image_size[0],
+        image_width=t.image_size[1],
+    )
+    return LatentOptions(tuple(args.latents), spec)
+
+
+def _check_target(target: Target) -> str | None:
+    if target.video_size is not None and any(n % 2 for n in target.video_size):
+        return f"--video-size {target.video_size[0]}x{target.video_size[1]} must be even (H.264 yuv420p)"
+    for rate, what in ((target.fps, "--fps"), (target.sample_rate, "--sample-rate")):
+        frames = None if rate is None or target.duration is None else target.duration * rate
+        if frames is not None and abs(frames - round(frames)) > 1e-6:
+            return f"--duration {target.duration:g} is not a whole number of frames at {what} {rate:g}"
+    return None
+
+
+def _args_record(args: argparse.Namespace) -> dict:
+    skip = ("target", "latent_options", "quiet", "verify", "workers")
+    record = {k: v for k, v in vars(args).items() if k not in skip}
+    for key in ("size", "video_size"):
+        record[key] = None if record[key] is None else "{}x{}".format(*record[key])
+    return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", type=Path, help="folder of media + .txt (+ .json) files")
-    parser.add_argument("--output", type=Path, required=True, help="folder for shards and manifest")
-    parser.add_argument("--name", help="shard set name (default: the task, e.g. 'image')")
-    parser.add_argument("--shard-samples", type=int, help="at most this many samples per shard")
-    parser.add_argument("--shard-mb", type=float, default=256.0, help="about this many MB per shard at most")
-    parser.add_argument("--size", type=_size, help="resize and centre-crop images to HxW")
-    parser.add_argument("--verify", action="store_true", help="re-read the shards and check the manifest")
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.input is None and not args.verify:
         parser.error("--input is required unless only --verify is asked for")
-    if args.name is not None and not KEY_PATTERN.fullmatch(args.name):
-        parser.error(f"--name {args.name!r} may use only letters, digits, '_' and '-'")
-    if (args.shard_samples is not None and args.shard_samples < 1) or args.shard_mb <= 0:
-        parser.error("--shard-samples and --shard-mb must be positive")
+    try:
+        spec = None
+        if args.spec is not None:
+            from selfflow.configs import load_config  # local import: configs pull in torch (seconds)
+
+            spec = load_config(args.spec).spec
+        args.target = _target(args, spec)
+        problem = _check_target(args.target)
+        if problem:
+            parser.error(problem)
+        if args.latents and spec is None:
+            parser.error("--latents needs --spec: the clip geometry the autoencoder is checked against")
+        args.latent_options = _latent_options(args, spec) if args.latents else None
+    except ValueError as err:
+        parser.error(str(err).splitlines()[0])
     return args
 
 
@@ -329,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to finish (finished shards are kept)", file=sys.stderr)
+        return 130
     return 0
 
 
