@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selfflow.data.loader import ImageReader, describe_shards, image_batches, resolve_shards
+from selfflow.data.loader import describe_shards, resolve_shards
 from selfflow.data.packaged import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
@@ -25,6 +25,7 @@ from selfflow.data.packaged import (
     load_fashion_mnist,
     with_article,
 )
+from selfflow.data.pipeline import DataPipeline, TaskStream
 from selfflow.data.shards import MTIME, ShardWriter, iter_tar_samples, sha256_file
 from selfflow.tokenizers.spec import ClipSpec
 from selfflow.tools import make_benchmark
@@ -257,47 +258,43 @@ def test_shard_writer_splits_by_size_and_cleans_up(tmp_path):
         ShardWriter(tmp_path, "dots").write({"__key__": "a.b", "bin": payload})
 
 
-# ---------------------------------------------------------------------- loader
+# ---------------------------------------------------------------------- reading (data/pipeline.py)
 def test_batches_have_the_right_shape_range_and_captions(shards, bench: Path):
     out, _ = shards
     classes = {p.stem: json.loads(p.read_text())["class"] for p in bench.glob("*.json")}
-    reader = image_batches(out, SPEC, batch_size=8, seed=0)
+    pipe = DataPipeline(out, SPEC, seed=0, batch_size=8)
     seen = []
-    for _ in range(N // 8):  # one epoch: the last partial batch (2 samples) is dropped
-        batch = next(reader)
-        assert batch.pixels.shape == (8, 3, 32, 32) and batch.pixels.dtype == torch.float32
-        assert batch.pixels.min() == -1 and batch.pixels.max() <= 1  # black background -> -1
+    for _ in range(N // 8):  # within the first epoch
+        batch = next(pipe)
+        pixels = batch.media["image"]
+        assert batch.task == "image" and pixels.shape == (8, 3, 32, 32) and pixels.dtype == torch.float32
+        assert pixels.min() == -1 and pixels.max() <= 1  # black background -> -1
         source = np.stack([np.asarray(Image.open(bench / f"{key}.png")) for key in batch.keys])  # [B, 28, 28]
-        assert (
-            abs(batch.pixels.mean().item() - (source.mean() / 127.5 - 1)) < 0.02
-        )  # resizing keeps brightness
-        assert torch.equal(batch.pixels[:, 0], batch.pixels[:, 1])  # grey expanded to RGB
-        assert batch.epoch == 0
+        assert abs(pixels.mean().item() - (source.mean() / 127.5 - 1)) < 0.02  # resizing keeps brightness
+        assert torch.equal(pixels[:, 0], pixels[:, 1])  # grey expanded to RGB
         for key, caption in zip(batch.keys, batch.captions, strict=True):
             assert caption == f"a photo of {with_article(classes[key])}"
         seen += batch.keys
     assert len(set(seen)) == len(seen) == N // 8 * 8
-    assert next(reader).epoch == 1 and reader.skipped == {}
+    assert pipe.streams["image"].epoch == 0 and pipe.skipped_count == 0
 
 
 def test_batches_are_deterministic_per_seed_and_epoch(shards):
     out, _ = shards
+    files = resolve_shards(out)
 
-    def first(reader: ImageReader, n: int = 3) -> list:
-        return [next(reader) for _ in range(n)]
+    def first(seed: int, epoch: int = 0, buffer: int = 256, n: int = 16) -> list:
+        stream = TaskStream("image", files, SPEC, seed, epoch=epoch, shuffle_buffer=buffer)
+        return [next(stream) for _ in range(n)]
 
-    a, b = first(image_batches(out, SPEC, 8, seed=5)), first(image_batches(out, SPEC, 8, seed=5))
-    assert [x.keys for x in a] == [x.keys for x in b]
-    assert all(torch.equal(x.pixels, y.pixels) for x, y in zip(a, b, strict=True))
-    later = first(image_batches(out, SPEC, 8, seed=5, start_epoch=1))
-    other_seed = first(image_batches(out, SPEC, 8, seed=6))
-    assert later[0].epoch == 1 and [x.keys for x in later] != [x.keys for x in a]
-    assert [x.keys for x in other_seed] != [x.keys for x in a]
+    a, b = first(5), first(5)
+    assert [x.key for x in a] == [x.key for x in b]
+    assert all(np.array_equal(x.media["image"], y.media["image"]) for x, y in zip(a, b, strict=True))
+    assert [x.key for x in first(5, epoch=1)] != [x.key for x in a]
+    assert [x.key for x in first(6)] != [x.key for x in a]
     # without a buffer samples come shard by shard in stored order, and the shard order changes per epoch
     shard_of = {s["__key__"]: tar.name for tar in out.glob("image-*.tar") for s in iter_tar_samples(tar)}
-    firsts = [
-        next(image_batches(out, SPEC, 16, seed=5, start_epoch=e, shuffle_buffer=0)).keys for e in range(4)
-    ]
+    firsts = [[x.key for x in first(5, epoch=e, buffer=0)] for e in range(4)]
     for keys in firsts:
         runs = [[k for k in keys if shard_of[k] == name] for name in {shard_of[k] for k in keys}]
         assert all(run == sorted(run) for run in runs) and len(runs) <= 2
@@ -324,11 +321,9 @@ def test_reader_skips_bad_samples_and_counts_them(shards, tmp_path):
         writer.write({"__key__": "corrupt", "png": good[0]["png"][:40], "txt": "a photo of a bag"})
         writer.write({"__key__": "silent", "png": good[0]["png"]})
         writer.write({"__key__": "empty", "png": good[0]["png"], "txt": " "})
-    reader = image_batches(tmp_path, SPEC, batch_size=5, seed=0, shuffle_buffer=4)
-    batches = [next(reader) for _ in range(5)]  # epochs 0 and 1 hold 10 good samples each
-    assert sorted(k for b in batches[:4] for k in b.keys) == sorted([s["__key__"] for s in good] * 2)
-    assert [b.epoch for b in batches] == [0, 0, 1, 1, 2]
-    assert set(reader.skipped) == {"corrupt", "silent", "empty"} and reader.skipped_count >= 6
-    assert "caption" in reader.skipped["silent"] and "decode" in reader.skipped["corrupt"]
-    with pytest.raises(ValueError, match="fewer than batch_size"):
-        next(image_batches(tmp_path, SPEC, batch_size=11, seed=0))
+    stream = TaskStream("image", resolve_shards(tmp_path), SPEC, 0, shuffle_buffer=4)
+    keys = [next(stream).key for _ in range(20)]  # epochs 0 and 1 hold 10 good samples each
+    assert sorted(keys) == sorted([s["__key__"] for s in good] * 2) and stream.epoch == 1
+    reasons = {k.split(":")[-1]: r for k, r in stream.skipped.items()}
+    assert set(reasons) == {"corrupt", "silent", "empty"} and 3 <= stream.skipped_count <= 6  # counted per epoch
+    assert "caption" in reasons["silent"] and "decode" in reasons["corrupt"]
