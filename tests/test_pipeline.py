@@ -3,61 +3,24 @@ their keys, strict mode, rank split, and exact save/restore of the stream positi
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile
 import torch
 
 from selfflow.configs import load_config
-from selfflow.data.avio import encode_mp4
 from selfflow.data.loader import resolve_shards
 from selfflow.data.pipeline import DataError, DataPipeline, TaskStream, WorkerPipeline
-from selfflow.data.shards import ShardWriter
 
 SPEC = load_config("tiny").spec  # 1 s, 8 fps, 32x32, 16 kHz mono
 BAD = {"av_bad_trunc", "av_bad_nocap", "audio_bad_empty"}
 
 
-def av_clip(i: int, with_audio: bool = True) -> bytes:
-    """A 1 s clip: a white square appears at frame 2 + i % 4, with a click at that moment."""
-    frame = 2 + i % 4
-    video = np.zeros((8, 32, 32, 3), np.uint8)  # [T, H, W, 3] at 8 fps
-    video[frame:, 8:24, 8:24] = 255
-    audio = np.zeros((1, 16_000), np.float32)
-    audio[0, frame * 2000 : frame * 2000 + 200] = 0.8
-    return encode_mp4(video, 8, audio if with_audio else None, 16_000)
-
-
-def flac(i: int) -> bytes:
-    buf = io.BytesIO()
-    tone = 0.3 * np.sin(np.arange(16_000) * (0.05 + 0.01 * i)).astype(np.float32)
-    soundfile.write(buf, tone, 16_000, format="FLAC")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
-def shards(fmnist_shards, tmp_path_factory) -> Path:
-    """image (256 Fashion-MNIST), av (12 good + 2 bad), audio (6 good + 1 bad) shard sets in one folder."""
-    root = tmp_path_factory.mktemp("mixed")
-    for tar in Path(fmnist_shards).glob("image-*.tar"):
-        shutil.copy(tar, root / tar.name)
-    with ShardWriter(root, "av", max_samples=4) as w:
-        for i in range(12):
-            w.write(
-                {"__key__": f"av_{i:03d}", "mp4": av_clip(i), "txt": f"a square appears at frame {2 + i % 4}"}
-            )
-        w.write({"__key__": "av_bad_trunc", "mp4": av_clip(0)[:900], "txt": "truncated"})
-        w.write({"__key__": "av_bad_nocap", "mp4": av_clip(1), "json": "{}"})
-    with ShardWriter(root, "audio", max_samples=4) as w:
-        for i in range(6):
-            w.write({"__key__": f"audio_{i:03d}", "flac": flac(i), "txt": f"a tone {i}"})
-        w.write({"__key__": "audio_bad_empty", "flac": b"", "txt": "nothing"})
-    return root
+def shards(mixed_shards) -> Path:
+    return mixed_shards
 
 
 def test_each_task_gives_spec_shaped_batches_and_skips_exactly_the_bad_members(shards):

@@ -4,6 +4,7 @@ resume, and the command-line contracts of training/main.py and inference/sample_
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -215,3 +216,21 @@ def test_interrupted_run_resumes_exactly(fmnist_shards, tmp_path, workers):
     for name in ("model", "ema", "head"):
         wa, wb = ckpt_io.load_weights(a, name), ckpt_io.load_weights(b, name)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_training_mixes_video_audio_and_image_tasks(mixed_shards, tmp_path):
+    cfg = tiny(
+        mixed_shards,
+        tmp_path,
+        "train.max_steps=6",
+        "train.log_every=1",
+        "data.weights={image: 1, av: 2, audio: 1}",
+        "data.batch_sizes={av: 2, audio: 2}",
+        "train.batch_size=4",
+    )
+    train(cfg, progress=False)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
+    assert all("skipped_samples" in r for r in rows)
+    state = json.loads((ckpt_io.latest_checkpoint(tmp_path / "checkpoints") / "state.json").read_text())
+    assert sum(s["position"] for s in state["data"]["streams"].values()) > 0
