@@ -5,9 +5,10 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
 EXTRAS     ?= dev
-# Debian packages the project uses: fonts for text-rendered images, Fashion-MNIST for the demo
-# and the class-conditional benchmark (later issues add espeak-ng, tesseract, ...).
-APT_PKGS   := fonts-dejavu-core dataset-fashion-mnist
+# Debian packages the offline benchmark is built from (tools/make_benchmark.py): fonts and colour emoji
+# for rendered images, Fashion-MNIST, Asterisk voice prompts and flite for speech.
+APT_PKGS   := fonts-dejavu-core fonts-liberation fonts-noto-core fonts-noto-color-emoji \
+              dataset-fashion-mnist asterisk-core-sounds-en-wav flite
 STAMP      := $(VENV)/.installed-$(EXTRAS)
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1

@@ -23,6 +23,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import soundfile
+from av.video.reformatter import VideoReformatter
 
 from selfflow.data.decode import resize_center_crop
 from selfflow.tokenizers.spec import ClipSpec
@@ -189,28 +190,42 @@ def resample(wave: np.ndarray, rate: int, spec: ClipSpec) -> np.ndarray:
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
+def _bitexact(stream: av.stream.Stream) -> None:
+    """No version strings or timestamps in the output, one thread (PyAV overrides a "threads" option)."""
+    stream.codec_context.flags |= av.codec.context.Flags.bitexact
+    stream.codec_context.thread_count = 1
+    stream.codec_context.thread_type = "NONE"
+
+
 def encode_mp4(
     video: np.ndarray, fps: float, audio: np.ndarray | None = None, sample_rate: int = 16_000, crf: int = 18
 ) -> bytes:
-    """uint8 [T, H, W, 3] (+ float32 [C, N] audio) -> mp4 bytes: H.264 yuv420p (+ AAC), single-threaded
-    so the same input gives the same bytes (tested after decodes that leave the allocator dirty)."""
+    """uint8 [T, H, W, 3] (+ float32 [C, N] audio) -> mp4 bytes: H.264 yuv420p (+ AAC).
+
+    Reproducible: the same input gives the same bytes with the same PyAV build (single-threaded,
+    bitexact flags; x264's macroblock-tree lookahead is off because it made bytes and pixels vary
+    between identical runs on small frames, 32..192 px seen). Tested after decodes that leave the
+    allocator dirty, which once changed the output."""
     t, h, w, _ = video.shape
     if h % 2 or w % 2:
         raise ValueError(f"H.264 yuv420p needs even sizes, got {h}x{w}")
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as box:
-        vs = box.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        box.flags |= av.container.Flags.bitexact.value
+        options = {"crf": str(crf), "preset": "medium", "rc-lookahead": "0", "mbtree": "0"}
+        vs = box.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options=options)
         vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-        vs.codec_context.thread_count = 1
-        # x264's macroblock-tree lookahead made the bytes (and pixels) vary between identical runs on
-        # small frames (32..192 px seen), so it is off: same input, same bytes, at every size
-        vs.options = {"crf": str(crf), "preset": "medium", "threads": "1", "rc-lookahead": "0", "mbtree": "0"}
+        _bitexact(vs)
         streams = [vs]
         if audio is not None:
             aus = box.add_stream("aac", rate=sample_rate, layout=_layout(audio.shape[0]))
+            aus.bit_rate = 64_000
+            _bitexact(aus)
             streams.append(aus)
+        to_yuv = VideoReformatter()  # one converter for all frames (a new one per frame is ~20x slower)
         for i, rgb in enumerate(video):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame = to_yuv.reformat(frame, format="yuv420p")  # BT.601 limited range, as decoders assume
             frame.pts = i
             box.mux(vs.encode(frame))
         if audio is not None:
@@ -223,7 +238,7 @@ def encode_mp4(
 def _encode_audio(
     box: av.container.OutputContainer, stream: av.AudioStream, audio: np.ndarray, rate: int
 ) -> None:
-    step = 1024
+    step = 1024  # samples per AAC frame
     wave = np.ascontiguousarray(np.clip(audio, -1, 1), dtype=np.float32)  # [C, N]
     for lo in range(0, wave.shape[1], step):
         chunk = np.ascontiguousarray(wave[:, lo : lo + step])

@@ -1,13 +1,22 @@
 """Real data that ships inside system packages, readable offline.
 
-Only Fashion-MNIST so far (Debian `dataset-fashion-mnist`: 60k train + 10k test grey 28x28 images
-in 10 classes). Later sources (rendered emoji, text, speech prompts) add a loader here each, and use
-`with_article` to build their captions.
+Every source names the Debian package to install when its files are missing:
+  Fashion-MNIST    `dataset-fashion-mnist`: 60k train + 10k test grey 28x28 images in 10 classes
+  text fonts       `fonts-dejavu-core`, `fonts-liberation`, `fonts-noto-core` (whichever are installed)
+  colour emoji     `fonts-noto-color-emoji`: NotoColorEmoji.ttf, a bitmap font drawn only at size 109
+  human speech     `asterisk-core-sounds-en-wav`: one speaker's 8 kHz prompts; the file names are the
+                   transcripts (digits/4.wav says "four")
+  synthetic speech `flite`: a command-line TTS with several voices (the fallback for speech)
+Captions are built with `with_article`.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +88,88 @@ def fashion_mnist_caption(label: int) -> str:
     if not 0 <= label < len(FASHION_MNIST_CLASSES):
         raise ValueError(f"Fashion-MNIST label {label} is outside 0..{len(FASHION_MNIST_CLASSES) - 1}")
     return f"a photo of {with_article(FASHION_MNIST_CLASSES[label])}"
+
+
+# ---------------------------------------------------------------------- fonts
+FONT_ROOT = Path("/usr/share/fonts/truetype")
+# Upright and italic faces of three font families; those installed are used, in this order.
+TEXT_FONT_FILES = (
+    "dejavu/DejaVuSans.ttf",
+    "dejavu/DejaVuSans-Bold.ttf",
+    "dejavu/DejaVuSansCondensed.ttf",
+    "dejavu/DejaVuSansMono.ttf",
+    "dejavu/DejaVuSerif.ttf",
+    "dejavu/DejaVuSerif-Italic.ttf",
+    "liberation/LiberationSans-Regular.ttf",
+    "liberation/LiberationSans-Bold.ttf",
+    "liberation/LiberationSansNarrow-Regular.ttf",
+    "liberation/LiberationSerif-Regular.ttf",
+    "liberation/LiberationSerif-BoldItalic.ttf",
+    "liberation/LiberationMono-Regular.ttf",
+    "noto/NotoSans-Regular.ttf",
+    "noto/NotoSans-Italic.ttf",
+    "noto/NotoSansDisplay-Bold.ttf",
+    "noto/NotoSerif-Regular.ttf",
+    "noto/NotoSerif-Bold.ttf",
+    "noto/NotoSerifDisplay-Italic.ttf",
+)
+EMOJI_FONT = FONT_ROOT / "noto/NotoColorEmoji.ttf"
+
+
+def text_fonts(root: str | Path = FONT_ROOT) -> tuple[Path, ...]:
+    """The installed faces of TEXT_FONT_FILES (at least one, or FileNotFoundError)."""
+    found = tuple(Path(root) / name for name in TEXT_FONT_FILES if (Path(root) / name).is_file())
+    if not found:
+        raise FileNotFoundError(
+            f"no text font under {root}; install one with: apt-get install fonts-dejavu-core"
+            " fonts-liberation fonts-noto-core"
+        )
+    return found
+
+
+def emoji_font(path: str | Path = EMOJI_FONT) -> Path:
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"emoji font {path} not found; install it with: apt-get install fonts-noto-color-emoji"
+        )
+    return Path(path)
+
+
+# ---------------------------------------------------------------------- speech
+# Debian installs the prompts under the speaker's folder; an Asterisk install links them as "en".
+ASTERISK_ROOTS = (
+    Path("/usr/share/asterisk/sounds/en_US_f_Allison"),
+    Path("/usr/share/asterisk/sounds/en"),
+)
+ASTERISK_VOICE = "asterisk-allison"
+FLITE_VOICES = ("slt", "kal16", "awb", "rms")
+
+
+def asterisk_prompt(name: str, roots: tuple[Path, ...] = ASTERISK_ROOTS) -> Path:
+    """The wav of one prompt, e.g. "digits/4" (a female voice saying "four"), at 8 kHz."""
+    for root in roots:
+        path = root / f"{name}.wav"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"Asterisk prompt {name}.wav not found under {roots[0]}; install it with:"
+        " apt-get install asterisk-core-sounds-en-wav"
+    )
+
+
+def has_asterisk_prompts(roots: tuple[Path, ...] = ASTERISK_ROOTS) -> bool:
+    return any((root / "digits" / "0.wav").is_file() for root in roots)
+
+
+@functools.lru_cache(maxsize=256)
+def flite_wav(text: str, voice: str) -> bytes:
+    """A wav file of flite speaking `text` (16 kHz for every voice but kal); same input, same bytes."""
+    exe = shutil.which("flite")
+    if exe is None:
+        raise FileNotFoundError("flite not found; install it with: apt-get install flite")
+    with tempfile.TemporaryDirectory(prefix="selfflow-flite-") as tmp:
+        out = Path(tmp) / "speech.wav"
+        done = subprocess.run([exe, "-voice", voice, "-t", text, "-o", str(out)], capture_output=True)
+        if done.returncode != 0 or not out.is_file():
+            raise OSError(f"flite failed on {text!r} with voice {voice}: {done.stderr.decode().strip()}")
+        return out.read_bytes()

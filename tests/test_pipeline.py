@@ -4,6 +4,9 @@ their keys, strict mode, rank split, and exact save/restore of the stream positi
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +124,80 @@ def test_worker_pipeline_splits_shards_and_restores_the_exact_next_batch(shards)
     }
     with pytest.raises(ValueError, match="every process needs a shard"):
         WorkerPipeline({**kw, "weights": {"audio": 1}}, workers=3)  # 2 audio shards
+
+
+@pytest.fixture(scope="module")
+def benchmark_shards(tmp_path_factory) -> tuple[Path, Path]:
+    """The offline benchmark (text, video, audio, AV ball) -> shards re-encoded to the tiny spec."""
+    root = tmp_path_factory.mktemp("bench")
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    media = root / "media"
+    for task, extra in (
+        ("text", []),
+        ("video", ["--duration", "1"]),
+        ("audio", ["--duration", "1"]),
+        ("av", ["--scene", "ball", "--duration", "1"]),
+    ):
+        out = root / task
+        run(
+            [
+                sys.executable,
+                str(tools / "make_benchmark.py"),
+                "--task",
+                task,
+                "--n",
+                "6",
+                "--out",
+                str(out),
+                *extra,
+            ]
+        )
+        media.mkdir(exist_ok=True)
+        for f in out.iterdir():
+            shutil.copy(f, media / f.name)
+    run(
+        [
+            sys.executable,
+            str(tools / "make_shards.py"),
+            "--input",
+            str(media),
+            "--output",
+            str(root / "shards"),
+            "--spec",
+            "tiny",
+            "--quiet",
+        ]
+    )
+    return root / "shards", media
+
+
+def run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_benchmark_folder_to_shards_to_pipeline_keeps_every_sample(benchmark_shards):
+    shards, media = benchmark_shards
+    for task in ("image", "video", "audio", "av"):
+        stream = TaskStream(task, resolve_shards(shards, task), SPEC, shuffle_buffer=0)
+        keys = [next(stream).key for _ in range(6)]
+        assert len(set(keys)) == 6 and stream.epoch == 0 and stream.skipped_count == 0, task
+        assert all(k.endswith("_c000") or task == "image" for k in keys)  # one spec-long clip per input
+        sources = {k.removesuffix("_c000") for k in keys}
+        assert all((media / f"{k}.txt").is_file() for k in sources), task
+
+
+def test_benchmark_ball_bounces_stay_in_sync_through_shards_and_decoding(benchmark_shards):
+    shards, media = benchmark_shards
+    stream = TaskStream("av", resolve_shards(shards, "av"), SPEC, shuffle_buffer=0)
+    checked = 0
+    for _ in range(6):
+        s = next(stream)
+        meta = json.loads((media / f"{s.key.removesuffix('_c000')}.json").read_text())
+        events = [e for e in meta["event_times"] if e < SPEC.duration]
+        env = np.abs(s.media["audio"][0])
+        onsets = [i / SPEC.sample_rate for i in range(1, env.size) if env[i] > 0.1 >= env[i - 1]]
+        for e in events:  # an impact sound starts within 10 ms of its recorded time
+            assert min(abs(o - e) for o in onsets) < 0.01, (s.key, e, onsets)
+            checked += 1
+    assert checked > 0

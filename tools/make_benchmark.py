@@ -2,16 +2,23 @@
 """Build a captioned media folder from packaged real data: input for make_shards and for evaluation.
 
     python tools/make_benchmark.py --task class --dataset fashion-mnist --n 500 --seed 0 --out DIR
+    python tools/make_benchmark.py --task text  --size full --out DIR        # 5000 signs at 64x256
+    python tools/make_benchmark.py --task av    --scene ball --n 100 --duration 3 --out DIR
 
-Writes DIR/<key>.<media> (png for images), DIR/<key>.txt (the caption) and DIR/<key>.json
-(ground truth for metrics, e.g. {"label": 7, "class": "sneaker", ...}). The selection depends only
-on the seed: the same arguments give the same files, byte for byte. Keys have no dots, so they are
-valid WebDataset keys.
+Writes DIR/<key>.<media> (png, mp4 or flac), DIR/<key>.txt (the caption) and DIR/<key>.json
+(ground truth for metrics: the class, the word and its box, the motion, the event times...). The
+output depends only on the arguments: the same arguments give the same files, byte for byte (the
+mp4s on the same PyAV build). Keys have no dots, so they are valid WebDataset keys.
 
-Tasks:
-  class   one image per sample, captioned by its class ("a photo of an ankle boot"); drawn evenly
-          over the classes.
-Later tasks (rendered text, emoji, video, audio-video) each add a builder to TASKS.
+Tasks (the builders live in selfflow/data/benchmark/):
+  class   T2I: Fashion-MNIST images captioned by class ("a photo of an ankle boot")
+  text    T2I: a word on a sign (`a sign that says "garden"`), for OCR scoring
+  emoji   T2I: a colour emoji on a background ("a red apple on a blue background")
+  video   T2V: an object moving or bouncing ("a sneaker moves to the left"), H.264 mp4
+  av      T2AV: a bouncing ball with impact sounds, or a digit appearing while a voice says it,
+          H.264 + AAC mp4, with the event times for A/V sync scoring
+  audio   T2A: a spoken word ("a voice says four"), FLAC
+--size tiny|full sets --n, --resolution, --fps, --duration and --sample-rate where they are not given.
 
 The folder is written under a temporary name and renamed into place when complete. An existing
 non-empty DIR is replaced only with --overwrite.
@@ -20,78 +27,25 @@ non-empty DIR is replaced only with --overwrite.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from selfflow.data.benchmark import audio, avsync, classes, emoji, text, video
+from selfflow.data.benchmark.common import SIZES, Item, Task
+from selfflow.data.benchmark.sound import VOICES
 
-from selfflow.data.decode import png_bytes
-from selfflow.data.packaged import FASHION_MNIST_CLASSES, fashion_mnist_caption, load_fashion_mnist
-
-
-@dataclass(frozen=True)
-class Item:
-    key: str  # file stem, no dots
-    media: bytes
-    ext: str  # media file extension: "png" (later "mp4", "flac")
-    caption: str
-    meta: dict  # written as <key>.json
-
-
-# ---------------------------------------------------------------------- task "class"
-@dataclass(frozen=True)
-class ClassDataset:
-    load: Callable[[str], tuple[np.ndarray, np.ndarray]]  # split -> images uint8 [N, H, W], labels [N]
-    classes: tuple[str, ...]
-    caption: Callable[[int], str]
-    key_prefix: str
-
-
-CLASS_DATASETS = {
-    "fashion-mnist": ClassDataset(load_fashion_mnist, FASHION_MNIST_CLASSES, fashion_mnist_caption, "fmnist"),
+TASKS: dict[str, Task] = {
+    "class": classes.TASK,
+    "text": text.TASK,
+    "emoji": emoji.TASK,
+    "video": video.TASK,
+    "av": avsync.TASK,
+    "audio": audio.TASK,
 }
-
-
-def balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n indices drawn round-robin over the classes (in a random class order), each class's
-    samples in random order, so class counts differ by at most one (while every class lasts)."""
-    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    class_order = rng.permutation(len(pools))
-    depth = max(len(pool) for pool in pools)
-    rounds = ((pools[c][r] for c in class_order if r < len(pools[c])) for r in range(depth))
-    return np.fromiter(itertools.islice(itertools.chain.from_iterable(rounds), n), dtype=np.int64, count=n)
-
-
-def class_items(args: argparse.Namespace) -> Iterator[Item]:
-    if args.dataset not in CLASS_DATASETS:
-        raise ValueError(
-            f"task 'class' has no dataset {args.dataset!r}; choose from {sorted(CLASS_DATASETS)}"
-        )
-    source = CLASS_DATASETS[args.dataset]
-    images, labels = source.load(args.split)  # [N, H, W] uint8, [N] int64
-    if not 1 <= args.n <= len(labels):
-        raise ValueError(f"--n must be between 1 and {len(labels)} (the size of {args.dataset} {args.split})")
-    for index in sorted(balanced_indices(labels, args.n, np.random.default_rng(args.seed)).tolist()):
-        label = int(labels[index])
-        meta = {
-            "label": label,
-            "class": source.classes[label],
-            "dataset": args.dataset,
-            "split": args.split,
-            "index": index,
-        }
-        key = f"{source.key_prefix}_{args.split}_{index:06d}"
-        yield Item(key, png_bytes(Image.fromarray(images[index])), "png", source.caption(label), meta)
-
-
-TASKS: dict[str, Callable[[argparse.Namespace], Iterator[Item]]] = {"class": class_items}
 
 
 # ---------------------------------------------------------------------- writing
@@ -126,28 +80,44 @@ def write_folder(items: Iterator[Item], out: Path, overwrite: bool) -> int:
     return count
 
 
+# ---------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.epilog = "tasks:\n" + "\n".join(f"  {name:6} {task.summary}" for name, task in TASKS.items())
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
-    parser.add_argument("--dataset", default="fashion-mnist", help="source for --task class")
-    parser.add_argument("--split", default="train", choices=("train", "test"))
-    parser.add_argument("--n", type=int, required=True, help="number of samples")
+    parser.add_argument("--size", default="tiny", choices=SIZES, help="preset for the options not given")
+    parser.add_argument("--n", type=int, help="number of samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    return parser.parse_args(argv)
+    parser.add_argument("--dataset", default="fashion-mnist", help="source for --task class")
+    parser.add_argument("--split", default="train", choices=("train", "test"), help="Fashion-MNIST split")
+    parser.add_argument("--resolution", help="HxW (text: 32x128 or 64x256; emoji: 64; video/av: 64x64)")
+    parser.add_argument("--fps", type=int, help="video and av frame rate")
+    parser.add_argument("--duration", type=float, help="seconds per clip (video, av, audio)")
+    parser.add_argument("--sample-rate", type=int, help="audio sample rate in Hz (av, audio)")
+    parser.add_argument("--source", default="mixed", choices=video.SOURCES, help="objects of --task video")
+    parser.add_argument("--scene", default="mixed", choices=avsync.SCENES, help="scenes of --task av")
+    parser.add_argument(
+        "--voice", default="auto", choices=VOICES, help="speech: Asterisk recordings or flite"
+    )
+    args = parser.parse_args(argv)
+    for option, value in TASKS[args.task].presets.get(args.size, {}).items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        count = write_folder(TASKS[args.task](args), args.out, args.overwrite)
+        count = write_folder(TASKS[args.task].build(args), args.out, args.overwrite)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(
-        f"wrote {count} {args.task} samples from {args.dataset} {args.split} (seed {args.seed}) to {args.out}"
-    )
+    print(f"wrote {count} {args.task} samples (seed {args.seed}) to {args.out}")
     return 0
 
 
