@@ -3,6 +3,7 @@
 
     python tools/bench_data.py --preset small --task av --clips 48 [--shards DIR]
 
+`--workers N` reads through N DataLoader processes (the shard set needs at least N shards).
 Without --shards, writes `--clips` spec-shaped AV clips (a moving square with a click per bounce,
 H.264 + AAC) into a temporary shard set first. Reports the pipeline's samples/s and tokens/s (one
 process, no workers) and the `self_flow` training step's samples/s at `--batch` for the same task.
@@ -20,7 +21,7 @@ import numpy as np
 
 from selfflow.configs import load_config
 from selfflow.data.avio import encode_mp4
-from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline
+from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, WorkerPipeline
 from selfflow.data.shards import ShardWriter
 
 
@@ -49,8 +50,9 @@ def write_clips(folder: Path, spec, clips: int) -> float:
     return clips / (time.perf_counter() - start)
 
 
-def pipeline_rate(shards: Path, spec, task: str, batch: int, batches: int) -> dict:
-    pipe = DataPipeline(shards, spec, 0, {task: 1.0}, batch_size=batch)
+def pipeline_rate(shards: Path, spec, task: str, batch: int, batches: int, workers: int = 0) -> dict:
+    kwargs = dict(shards=shards, spec=spec, seed=0, weights={task: 1.0}, batch_size=batch)
+    pipe = WorkerPipeline(kwargs, workers) if workers > 0 else DataPipeline(**kwargs)
     next(pipe)  # open files, warm caches
     start = time.perf_counter()
     for _ in range(batches):
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=48)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--shards", type=Path, help="an existing make_shards output folder")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: main process)")
+    p.add_argument("--batches", type=int, default=0, help="batches to time (default: about one pass)")
     args = p.parse_args(argv)
     spec = load_config(args.preset).spec
     with tempfile.TemporaryDirectory() as tmp:
