@@ -198,7 +198,12 @@ def _bitexact(stream: av.stream.Stream) -> None:
 
 
 def encode_mp4(
-    video: np.ndarray, fps: float, audio: np.ndarray | None = None, sample_rate: int = 16_000, crf: int = 18
+    video: np.ndarray,
+    fps: float,
+    audio: np.ndarray | None = None,
+    sample_rate: int = 16_000,
+    crf: int = 18,
+    metadata: dict[str, str] | None = None,
 ) -> bytes:
     """uint8 [T, H, W, 3] (+ float32 [C, N] audio) -> mp4 bytes: H.264 yuv420p (+ AAC).
 
@@ -212,6 +217,7 @@ def encode_mp4(
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as box:
         box.flags |= av.container.Flags.bitexact.value
+        box.metadata.update(metadata or {})  # container tags, e.g. {"comment": json.dumps(...)}
         options = {"crf": str(crf), "preset": "medium", "rc-lookahead": "0", "mbtree": "0"}
         vs = box.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options=options)
         vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"

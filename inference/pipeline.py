@@ -58,7 +58,18 @@ def load_snapshot(
     ckpt = resolve_checkpoint(path)
     cfg = load_config(ckpt / "config.yaml")
     model = build_model(cfg, "meta")
-    model.load_state_dict(load_weights(ckpt, weights), strict=True, assign=True)
+    try:
+        state = load_weights(ckpt, weights)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error type on a damaged file
+        raise ValueError(f"{ckpt}: unreadable {weights}.safetensors ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{ckpt}: the weights do not fit the saved config ({str(e).splitlines()[0]})"
+        ) from None
     return cfg, model.to(device).eval()
 
 

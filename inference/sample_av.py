@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Prompt -> a synchronized video+audio clip: video and audio tokens are sampled jointly, in one
+sequence, then decoded and muxed into an mp4 (H.264 + AAC), with the wav, a PNG contact sheet of
+the frames and a JSON sidecar of how it was made.
+
+    python inference/sample_av.py --ckpt runs/av --prompt "a ball bounces three times" --out ball.mp4
+
+`--ckpt` is a run directory, its checkpoints/ folder or one checkpoint (the EMA weights are used).
+`--duration`, `--fps` and `--size HxW` change the clip spec the model was trained with (positions are
+rotary, so other lengths work, with quality best near the training spec). `--prompts file.txt` makes
+one clip per line: `<out stem>_000.mp4`, ... Every file is written to a temporary name and renamed,
+so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+
+from selfflow.configs.schema import Config, ConfigError
+from selfflow.data.avio import encode_mp4
+from selfflow.data.decode import parse_size
+from selfflow.inference.pipeline import Generator, image_grid, load_snapshot, pick_device
+from selfflow.inference.samplers import SAMPLERS
+from selfflow.training.checkpoint import resolve_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="run dir, checkpoints/ dir or one checkpoint")
+    p.add_argument("--prompt", help="one prompt")
+    p.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
+    p.add_argument("--out", type=Path, default=Path("clip.mp4"))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--shift", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
+    p.add_argument("--duration", type=float, help="seconds (default: the model's spec)")
+    p.add_argument("--fps", type=float, help="frames per second (default: the model's spec)")
+    p.add_argument("--size", help="HxW (default: the model's spec)")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = [args.prompt] if args.prompt is not None else []
+    if args.prompts is not None:
+        if not args.prompts.is_file():
+            raise FileNotFoundError(f"prompt file not found: {args.prompts}")
+        prompts += [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError("give a non-empty --prompt or a --prompts file")
+    return prompts
+
+
+def clip_spec(cfg: Config, args: argparse.Namespace) -> Config:
+    """The model's config with the requested duration / fps / size (checked by ClipSpec)."""
+    change = {}
+    if args.duration is not None:
+        change["duration"] = args.duration
+    if args.fps is not None:
+        change["fps"] = args.fps
+    if args.size is not None:
+        change["height"], change["width"] = parse_size(args.size)
+    try:
+        return dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, **change))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"clip spec: {e}") from None
+
+
+def _atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_clip(out: Path, video: torch.Tensor, audio: torch.Tensor, cfg: Config, meta: dict) -> None:
+    """video [C, T, H, W] and audio [C, N] in [-1, 1] -> out.mp4, out.wav, out.png, out.json."""
+    spec = cfg.spec
+    frames = (
+        ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    )  # [T,H,W,C]
+    wave = audio.clamp(-1, 1).numpy().astype(np.float32)  # [C, N]
+    mp4 = encode_mp4(frames, spec.fps, wave, spec.sample_rate, metadata={"comment": json.dumps(meta)})
+    buf = io.BytesIO()
+    soundfile.write(buf, wave.T, spec.sample_rate, format="WAV")
+    sheet = io.BytesIO()
+    image_grid(video.permute(1, 0, 2, 3), nrow=min(8, spec.num_frames)).save(sheet, format="PNG")
+    files = {".wav": buf.getvalue(), ".png": sheet.getvalue(), ".json": json.dumps(meta, indent=2).encode()}
+    for suffix, data in files.items():
+        _atomic(out.with_suffix(suffix), data)
+    _atomic(out, mp4)  # last: its presence means the set is complete
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    prompts = read_prompts(args)
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    if args.steps < 1:
+        raise ValueError("--steps must be >= 1")
+    if args.out.suffix != ".mp4":
+        raise ValueError(f"--out must end in .mp4, got {args.out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # fail before sampling, not after
+    if not os.access(args.out.parent, os.W_OK):
+        raise PermissionError(f"cannot write to {args.out.parent}")
+    device = pick_device(args.device)
+    ckpt = resolve_checkpoint(args.ckpt)
+    cfg, model = load_snapshot(ckpt, device)
+    cfg = clip_spec(cfg, args)
+    digest = hashlib.sha256((ckpt / "ema.safetensors").read_bytes()).hexdigest()
+    gen = Generator(cfg, model, device)
+    outs = []
+    for i, prompt in enumerate(prompts):
+        seed = args.seed + i
+        media = gen.generate(
+            [prompt], [seed], ("video", "audio"), args.steps, args.sampler, args.cfg, args.shift
+        )
+        meta = {
+            "prompt": prompt,
+            "seed": seed,
+            "sampler": args.sampler,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "shift": args.shift,
+            "model_sha256": digest,
+            "checkpoint": str(ckpt),
+            "duration": cfg.spec.duration,
+            "fps": cfg.spec.fps,
+            "size": [cfg.spec.height, cfg.spec.width],
+            "sample_rate": cfg.spec.sample_rate,
+        }
+        out = args.out if len(prompts) == 1 else args.out.with_name(f"{args.out.stem}_{i:03d}.mp4")
+        write_clip(out, media["video"][0], media["audio"][0], cfg, meta)
+        outs.append(out)
+    return outs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        outs = run(args)
+    except (ConfigError, FileNotFoundError, ValueError, OSError, RuntimeError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print("\n".join(str(o) for o in outs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

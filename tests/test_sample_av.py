@@ -1,0 +1,110 @@
+"""inference/sample_av.py: a playable mp4 with both streams from a trained checkpoint, deterministic
+per seed, and one-line errors with nothing written on bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import av
+import pytest
+import soundfile
+
+from selfflow.configs import load_config
+from selfflow.inference import sample_av
+from selfflow.training.checkpoint import latest_checkpoint
+from selfflow.training.loop import train
+
+
+@pytest.fixture(scope="module")
+def av_ckpt(mixed_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("avrun")
+    cfg = load_config(
+        "tiny",
+        [f"data.shards={mixed_shards}", f"run.dir={run_dir}", "data.weights={av: 1}", "train.batch_size=2",
+         "train.max_steps=2", "sample.num=1", "sample.steps=1"],
+    )  # fmt: skip
+    train(cfg, progress=False)
+    return latest_checkpoint(run_dir / "checkpoints")
+
+
+def _run(*args: str) -> int:
+    return sample_av.main(list(args))
+
+
+def test_writes_a_synchronized_mp4_wav_sheet_and_sidecar(av_ckpt, tmp_path):
+    out = tmp_path / "clip.mp4"
+    assert (
+        _run("--ckpt", str(av_ckpt), "--prompt", "a square appears", "--steps", "2", "--out", str(out)) == 0
+    )
+    with av.open(str(out)) as box:
+        v, a = box.streams.video[0], box.streams.audio[0]
+        assert v.codec_context.name == "h264" and a.codec_context.name == "aac"
+        assert float(v.average_rate) == 8 and a.codec_context.sample_rate == 16_000
+        assert float(v.duration * v.time_base) == pytest.approx(1.0, abs=0.13)
+        meta = json.loads(box.metadata["comment"])
+        frames = sum(1 for _ in box.decode(video=0))
+    assert (
+        frames == 8
+        and meta["prompt"] == "a square appears"
+        and meta["seed"] == 0
+        and len(meta["model_sha256"]) == 64
+    )
+    wave, rate = soundfile.read(io.BytesIO(out.with_suffix(".wav").read_bytes()))
+    assert rate == 16_000 and wave.shape == (16_000,)
+    assert json.loads(out.with_suffix(".json").read_text()) == meta
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_same_seed_same_clip_other_seed_other_clip(av_ckpt, tmp_path):
+    outs = [tmp_path / f"{name}.mp4" for name in ("a", "b", "c")]
+    for out, seed in zip(outs, ("3", "3", "4"), strict=True):
+        assert (
+            _run("--ckpt", str(av_ckpt), "--prompt", "x", "--steps", "2", "--seed", seed, "--out", str(out))
+            == 0
+        )
+    wav = [o.with_suffix(".wav").read_bytes() for o in outs]
+    assert wav[0] == wav[1] != wav[2]
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_duration_and_size_overrides(av_ckpt, tmp_path):
+    out = tmp_path / "long.mp4"
+    args = ("--ckpt", str(av_ckpt), "--prompt", "x", "--steps", "1", "--duration", "2", "--size", "48x32")
+    assert _run(*args, "--out", str(out)) == 0
+    with av.open(str(out)) as box:
+        assert sum(1 for _ in box.decode(video=0)) == 16
+        assert (box.streams.video[0].codec_context.height, box.streams.video[0].codec_context.width) == (
+            48,
+            32,
+        )
+
+
+def test_bad_input_fails_with_one_line_and_writes_nothing(av_ckpt, tmp_path, capsys):
+    corrupt, mismatched = tmp_path / "corrupt", tmp_path / "mismatched"
+    for d in (corrupt, mismatched):
+        shutil.copytree(av_ckpt, d)
+    (corrupt / "ema.safetensors").write_bytes((av_ckpt / "ema.safetensors").read_bytes()[:100])
+    text = (mismatched / "config.yaml").read_text().replace("hidden_size: 192", "hidden_size: 96")
+    (mismatched / "config.yaml").write_text(
+        text.replace("axes_dim:\n  - 12\n  - 12\n  - 12\n  - 12", "axes_dim:\n  - 6\n  - 6\n  - 6\n  - 6")
+    )
+    out = tmp_path / "bad.mp4"
+    cases = [
+        (["--ckpt", str(av_ckpt), "--prompt", "  "], "prompt"),
+        (["--ckpt", str(av_ckpt), "--prompt", "x", "--sampler", "rk9"], "sampler"),
+        (["--ckpt", str(tmp_path / "none"), "--prompt", "x"], "checkpoint"),
+        (["--ckpt", str(corrupt), "--prompt", "x"], "unreadable"),
+        (["--ckpt", str(mismatched), "--prompt", "x"], "do not fit"),
+        (["--ckpt", str(av_ckpt), "--prompt", "x", "--fps", "7.5"], "clip spec"),
+    ]
+    for args, needle in cases:
+        assert _run(*args, "--steps", "1", "--out", str(out)) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert _run("--ckpt", str(av_ckpt), "--prompt", "x", "--steps", "1", "--out", str(blocked / "x.mp4")) == 2
+    assert not list(tmp_path.glob("bad*")) and not list(tmp_path.glob(".*tmp"))
