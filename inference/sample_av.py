@@ -92,25 +92,27 @@ def _atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def write_clip(out: Path, video: torch.Tensor, audio: torch.Tensor, cfg: Config, meta: dict) -> None:
-    """video [C, T, H, W] and audio [C, N] in [-1, 1] -> out.mp4, out.wav, out.png, out.json."""
+def write_clip(out: Path, video: torch.Tensor, audio: torch.Tensor | None, cfg: Config, meta: dict) -> None:
+    """video [C, T, H, W] (and audio [C, N]) in [-1, 1] -> out.mp4 (+ out.wav), out.png, out.json."""
     spec = cfg.spec
     frames = (
         ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
     )  # [T,H,W,C]
-    wave = audio.clamp(-1, 1).numpy().astype(np.float32)  # [C, N]
+    wave = None if audio is None else audio.clamp(-1, 1).numpy().astype(np.float32)  # [C, N]
     mp4 = encode_mp4(frames, spec.fps, wave, spec.sample_rate, metadata={"comment": json.dumps(meta)})
-    buf = io.BytesIO()
-    soundfile.write(buf, wave.T, spec.sample_rate, format="WAV")
     sheet = io.BytesIO()
     image_grid(video.permute(1, 0, 2, 3), nrow=min(8, spec.num_frames)).save(sheet, format="PNG")
-    files = {".wav": buf.getvalue(), ".png": sheet.getvalue(), ".json": json.dumps(meta, indent=2).encode()}
+    files = {".png": sheet.getvalue(), ".json": json.dumps(meta, indent=2).encode()}
+    if wave is not None:
+        buf = io.BytesIO()
+        soundfile.write(buf, wave.T, spec.sample_rate, format="WAV")
+        files[".wav"] = buf.getvalue()
     for suffix, data in files.items():
         _atomic(out.with_suffix(suffix), data)
     _atomic(out, mp4)  # last: its presence means the set is complete
 
 
-def run(args: argparse.Namespace) -> list[Path]:
+def run(args: argparse.Namespace, modalities: tuple[str, ...] = ("video", "audio")) -> list[Path]:
     prompts = read_prompts(args)
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {args.sampler!r}; expected one of {', '.join(SAMPLERS)}")
@@ -130,9 +132,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     outs = []
     for i, prompt in enumerate(prompts):
         seed = args.seed + i
-        media = gen.generate(
-            [prompt], [seed], ("video", "audio"), args.steps, args.sampler, args.cfg, args.shift
-        )
+        media = gen.generate([prompt], [seed], modalities, args.steps, args.sampler, args.cfg, args.shift)
         meta = {
             "prompt": prompt,
             "seed": seed,
@@ -148,15 +148,16 @@ def run(args: argparse.Namespace) -> list[Path]:
             "sample_rate": cfg.spec.sample_rate,
         }
         out = args.out if len(prompts) == 1 else args.out.with_name(f"{args.out.stem}_{i:03d}.mp4")
-        write_clip(out, media["video"][0], media["audio"][0], cfg, meta)
+        audio = media["audio"][0] if "audio" in media else None
+        write_clip(out, media["video"][0], audio, cfg, meta)
         outs.append(out)
     return outs
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, modalities: tuple[str, ...] = ("video", "audio")) -> int:
     args = parse_args(argv)
     try:
-        outs = run(args)
+        outs = run(args, modalities)
     except (ConfigError, FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from pathlib import Path
 import av
 import pytest
 import soundfile
+import torch
 
 from selfflow.configs import load_config
 from selfflow.inference import sample_av
@@ -108,3 +109,26 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(av_ckpt, tmp_path, cap
     blocked.write_text("not a folder")
     assert _run("--ckpt", str(av_ckpt), "--prompt", "x", "--steps", "1", "--out", str(blocked / "x.mp4")) == 2
     assert not list(tmp_path.glob("bad*")) and not list(tmp_path.glob(".*tmp"))
+
+
+def test_sample_video_writes_a_silent_mp4(av_ckpt, tmp_path):
+    from selfflow.inference import sample_video
+
+    out = tmp_path / "v.mp4"
+    assert (
+        sample_video.main(["--ckpt", str(av_ckpt), "--prompt", "x", "--steps", "1", "--out", str(out)]) == 0
+    )
+    with av.open(str(out)) as box:
+        assert len(box.streams.video) == 1 and not box.streams.audio
+    assert not out.with_suffix(".wav").exists() and out.with_suffix(".png").is_file()
+
+
+def test_a_sample_does_not_depend_on_its_batch(av_ckpt):
+    from selfflow.inference.pipeline import Generator, load_snapshot
+
+    cfg, model = load_snapshot(av_ckpt)
+    gen = Generator(cfg, model)
+    alone = gen.generate(["b"], [7], ("video", "audio"), steps=2)
+    batch = gen.generate(["a", "b", "c"], [1, 7, 9], ("video", "audio"), steps=2)
+    for m in ("video", "audio"):
+        torch.testing.assert_close(batch[m][1], alone[m][0], atol=1e-5, rtol=1e-5)
