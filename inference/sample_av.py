@@ -31,7 +31,7 @@ import torch
 from selfflow.configs.schema import Config, ConfigError
 from selfflow.data.avio import encode_mp4
 from selfflow.data.decode import parse_size
-from selfflow.inference.pipeline import Generator, image_grid, load_snapshot, pick_device
+from selfflow.inference.pipeline import Generator, image_grid, load_snapshot, pick_device, to_uint8
 from selfflow.inference.samplers import SAMPLERS
 from selfflow.training.checkpoint import resolve_checkpoint
 
@@ -95,9 +95,7 @@ def _atomic(path: Path, data: bytes) -> None:
 def write_clip(out: Path, video: torch.Tensor, audio: torch.Tensor | None, cfg: Config, meta: dict) -> None:
     """video [C, T, H, W] (and audio [C, N]) in [-1, 1] -> out.mp4 (+ out.wav), out.png, out.json."""
     spec = cfg.spec
-    frames = (
-        ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
-    )  # [T,H,W,C]
+    frames = to_uint8(video.permute(1, 0, 2, 3))  # [T, H, W, C]
     wave = None if audio is None else audio.clamp(-1, 1).numpy().astype(np.float32)  # [C, N]
     mp4 = encode_mp4(frames, spec.fps, wave, spec.sample_rate, metadata={"comment": json.dumps(meta)})
     sheet = io.BytesIO()
