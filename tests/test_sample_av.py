@@ -132,3 +132,10 @@ def test_a_sample_does_not_depend_on_its_batch(av_ckpt):
     batch = gen.generate(["a", "b", "c"], [1, 7, 9], ("video", "audio"), steps=2)
     for m in ("video", "audio"):
         torch.testing.assert_close(batch[m][1], alone[m][0], atol=1e-5, rtol=1e-5)
+
+
+def test_an_av_run_draws_its_sample_grid_as_rows_of_frames(av_ckpt):
+    from PIL import Image
+
+    grid = Image.open(av_ckpt.parent.parent / "samples" / "step_00000002.png")
+    assert grid.size == (8 * 34 + 2, 34 + 2)  # 1 clip (sample.num=1): 8 frames of 32 px, 2 px padding

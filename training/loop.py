@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from selfflow.configs.schema import Config, ConfigError, save_config
-from selfflow.data.pipeline import DataPipeline, WorkerPipeline
+from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, WorkerPipeline
 from selfflow.inference.pipeline import Generator, autocast, image_grid, pick_device, save_image
 from selfflow.models.factory import (
     TextConditioner,
@@ -190,10 +190,8 @@ def restore(tr: Trainer, ckpt: Path) -> None:
     tr.generator.set_state(trainer["generator"])
     torch.set_rng_state(trainer["cpu_rng"])
     tr.step, tr.samples_seen = int(state["step"]), int(state["samples_seen"])
-    if tr.data is not None and state.get("data"):
-        tr.data.load_state_dict(
-            state["data"]
-        )  # the next batch is the one the interrupted run would have read
+    if tr.data is not None and state.get("data"):  # the next batch is the interrupted run's next batch
+        tr.data.load_state_dict(state["data"])
 
 
 # ---------------------------------------------------------------- the loop
@@ -222,14 +220,21 @@ def data_stream(tr: Trainer, data: DataPipeline | WorkerPipeline) -> Iterator[tu
         yield make_batch(tr, item.media, item.captions), item.captions
 
 
-def write_samples(tr: Trainer, gen: Generator, prompts: list[str], path: Path) -> Path:
-    """A grid of `sample.num` images from the EMA model: prompts cycled, seeds sample.seed + i."""
+def write_samples(tr: Trainer, gen: Generator, prompts: list[str], task: str, path: Path) -> Path | None:
+    """A grid from the EMA model for the task of the first batch: `sample.num` images, or one row of
+    frames per clip for video / AV (audio-only runs draw nothing). Prompts cycle; seeds sample.seed + i."""
     s = tr.cfg.sample
+    mods = TASK_MODALITIES[task]
+    if mods == ("audio",):
+        return None
     chosen = [prompts[i % len(prompts)] for i in range(s.num)]
     seeds = [s.seed + i for i in range(s.num)]
-    images = gen.generate(chosen, seeds, ("image",), s.steps, s.sampler, s.cfg_scale, s.shift)["image"]
-    nrow = min(len(prompts), s.num) if len(prompts) <= 8 else 0
-    return save_image(image_grid(images, nrow), path)
+    media = gen.generate(chosen, seeds, mods, s.steps, s.sampler, s.cfg_scale, s.shift)
+    if "image" in media:
+        nrow = min(len(prompts), s.num) if len(prompts) <= 8 else 0
+        return save_image(image_grid(media["image"], nrow), path)
+    video = media["video"]  # [N, C, T, H, W]
+    return save_image(image_grid(video.transpose(1, 2).flatten(0, 1), nrow=video.shape[2]), path)
 
 
 def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
@@ -253,9 +258,10 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     stream = data_stream(tr, tr.data)
     bar = tqdm(total=cfg.train.max_steps, initial=tr.step, disable=not progress, desc=cfg.objective.name)
     prompts: list[str] = list(cfg.sample.prompts)
-    saved = latest
+    saved, grid_task = latest, None
     for batch, captions in stream:
         prompts = prompts or sorted(set(captions))
+        grid_task = grid_task or batch.task
         out = train_step(tr, batch)
         meter.add(out.metrics, out.levels[:, 0], out.loss_gen, batch.ids.shape[0] + batch.txt.shape[1])
         bar.update(1)
@@ -266,7 +272,7 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
             logger.log(tr.step, last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", cos=f"{last.get('rep_cos', float('nan')):.3f}")
         if (cfg.sample.every and tr.step % cfg.sample.every == 0) or done:
-            write_samples(tr, sampler, prompts, run_dir / "samples" / f"step_{tr.step:08d}.png")
+            write_samples(tr, sampler, prompts, grid_task, run_dir / "samples" / f"step_{tr.step:08d}.png")
         if tr.step % cfg.train.ckpt_every == 0 or done:
             saved = save(tr, run_dir)
         if done:
