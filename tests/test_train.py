@@ -234,3 +234,17 @@ def test_training_mixes_video_audio_and_image_tasks(mixed_shards, tmp_path):
     assert all("skipped_samples" in r for r in rows)
     state = json.loads((ckpt_io.latest_checkpoint(tmp_path / "checkpoints") / "state.json").read_text())
     assert sum(s["position"] for s in state["data"]["streams"].values()) > 0
+
+
+def test_step_benchmark_times_every_objective_side_by_side():
+    import argparse
+
+    from selfflow.tools.bench_step import bench
+
+    args = argparse.Namespace(
+        preset="tiny", objectives=["vanilla", "self_flow"], task="av", batch=2, steps=1, rounds=1, warmup=0,
+        device="cpu", overrides=[],
+    )  # fmt: skip
+    result = bench(args)
+    assert set(result["seconds_per_step"]) == {"vanilla", "self_flow"} and result["ratio"]["vanilla"] == 1.0
+    assert all(t > 0 for t in result["seconds_per_step"].values())
