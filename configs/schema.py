@@ -7,8 +7,6 @@ dotted `key=value` overrides come last. An unknown or mistyped key fails with an
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from selfflow.data.atomic import write_atomic
 from selfflow.models.flow import TimestepDist
 from selfflow.tokenizers.spec import ClipSpec
 
@@ -222,14 +221,4 @@ def config_to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(config_to_yaml(cfg))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, config_to_yaml(cfg))

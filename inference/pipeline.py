@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from selfflow.configs.schema import Config, load_config
+from selfflow.data.atomic import atomic_path
 from selfflow.inference import samplers
 from selfflow.models.factory import (
     TextConditioner,
@@ -160,14 +159,6 @@ def image_grid(images: Tensor, nrow: int = 0, pad: int = 2) -> Image.Image:
 
 def save_image(image: Image.Image, path: str | Path) -> Path:
     """Save a PNG atomically (temporary file in the target folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

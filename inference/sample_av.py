@@ -21,7 +21,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ import soundfile
 import torch
 
 from selfflow.configs.schema import Config, ConfigError
+from selfflow.data.atomic import write_atomic
 from selfflow.data.avio import encode_mp4
 from selfflow.data.decode import parse_size
 from selfflow.inference.pipeline import Generator, image_grid, load_snapshot, pick_device, to_uint8
@@ -80,18 +80,6 @@ def clip_spec(cfg: Config, args: argparse.Namespace) -> Config:
         raise ValueError(f"clip spec: {e}") from None
 
 
-def _atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_clip(out: Path, video: torch.Tensor, audio: torch.Tensor | None, cfg: Config, meta: dict) -> None:
     """video [C, T, H, W] (and audio [C, N]) in [-1, 1] -> out.mp4 (+ out.wav), out.png, out.json."""
     spec = cfg.spec
@@ -106,8 +94,8 @@ def write_clip(out: Path, video: torch.Tensor, audio: torch.Tensor | None, cfg: 
         soundfile.write(buf, wave.T, spec.sample_rate, format="WAV")
         files[".wav"] = buf.getvalue()
     for suffix, data in files.items():
-        _atomic(out.with_suffix(suffix), data)
-    _atomic(out, mp4)  # last: its presence means the set is complete
+        write_atomic(out.with_suffix(suffix), data)
+    write_atomic(out, mp4)  # last: its presence means the set is complete
 
 
 def run(args: argparse.Namespace, modalities: tuple[str, ...] = ("video", "audio")) -> list[Path]:

@@ -70,3 +70,15 @@ def test_logger_drops_rows_after_the_resumed_step(tmp_path):
     logger = RunLogger(tmp_path, resume_step=20, tensorboard=False)
     logger.log(30, {"loss": 0.5})
     assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(10, 1.0), (20, 1.0), (30, 0.5)]
+
+
+def test_atomic_writes_leave_the_old_file_on_failure(tmp_path):
+    from selfflow.data.atomic import atomic_path, write_atomic
+
+    target = write_atomic(tmp_path / "sub" / "f.txt", "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old" and [p.name for p in target.parent.iterdir()] == ["f.txt"]
+    write_atomic(target, b"new")
+    assert target.read_bytes() == b"new"

@@ -19,11 +19,12 @@ import time
 import torch
 
 from selfflow.configs import load_config
-from selfflow.training.loop import TASK_OF, build_trainer, make_batch, train_step
+from selfflow.data.pipeline import TASK_MODALITIES
+from selfflow.training.loop import build_trainer, make_batch, train_step
 
 
 def random_media(spec, task: str, batch: int) -> dict[str, torch.Tensor]:
-    mods = next(k for k, v in TASK_OF.items() if v == task)
+    mods = TASK_MODALITIES[task]
     shapes = {
         "image": (spec.video_channels, spec.image_height, spec.image_width),
         "video": (spec.video_channels, spec.num_frames, spec.height, spec.width),
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--objectives", nargs="+", default=["vanilla", "dts_only", "self_flow"])
-    p.add_argument("--task", default="image", choices=sorted(set(TASK_OF.values())))
+    p.add_argument("--task", default="image", choices=sorted(TASK_MODALITIES))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="steps per objective per round")
     p.add_argument("--rounds", type=int, default=5)

@@ -28,7 +28,6 @@ import contextlib
 import json
 import math
 import multiprocessing
-import os
 import sys
 import tempfile
 import time
@@ -40,11 +39,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from selfflow.data.atomic import write_atomic
 from selfflow.data.decode import parse_size
 from selfflow.data.inputs import Entry, Skip, fingerprint, scan_inputs
 from selfflow.data.latents import LatentOptions, check_latents
 from selfflow.data.packing import TASKS, Outcome, Prepared, Target, prepare
-from selfflow.data.shards import TEMP_SUFFIX, ShardLimits
+from selfflow.data.shards import ShardLimits
 from selfflow.data.shardsets import MANIFEST, Progress, TaskShards, remove_stale, sample_stats, verify
 from selfflow.tokenizers.spec import ClipSpec
 
@@ -123,12 +123,6 @@ class _Run:
         return skips, accepted
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    temp = path.with_name(path.name + TEMP_SUFFIX)
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
-
-
 def check_output(output: Path, source: Path) -> None:
     if output.resolve() == source.resolve():
         raise ValueError(f"--output {output} must differ from --input")
@@ -166,7 +160,7 @@ def build(args: argparse.Namespace) -> str:
         progress.close()
     remove_stale(args.output, shards)
     skips = sorted(skips + failed, key=lambda s: (s.path, s.reason))
-    _atomic_write(args.output / SKIPPED, "".join(json.dumps(asdict(s)) + "\n" for s in skips))
+    write_atomic(args.output / SKIPPED, "".join(json.dumps(asdict(s)) + "\n" for s in skips))
     counts = {task: sum(info.samples for info in infos) for task, infos in shards.items()}
     if not counts:
         raise ValueError(
@@ -182,7 +176,7 @@ def build(args: argparse.Namespace) -> str:
         "shards": {task: [info.to_json() for info in infos] for task, infos in shards.items()},
         "args": _args_record(args),
     }
-    _atomic_write(args.output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_atomic(args.output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     written = ", ".join(f"{n} {task} samples in {len(shards[task])} shard(s)" for task, n in counts.items())
     kept = sum(s.kept for s in sets.values())
     seconds = time.perf_counter() - began

@@ -9,9 +9,7 @@ Each argument is a run directory or a metrics.jsonl file; one panel per key, one
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from selfflow.data.atomic import atomic_path  # noqa: E402
 from selfflow.training.tracking import read_metrics  # noqa: E402
 
 
@@ -47,15 +46,11 @@ def plot(runs: list[Path], keys: list[str], out: Path) -> Path:
             ax.set_yscale("log")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return out
 
 

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from selfflow.configs.schema import Config, save_config
+from selfflow.data.atomic import write_atomic
 
 PREFIX = "step_"
 LATEST = "latest"
@@ -43,18 +44,6 @@ def checkpoint_name(step: int) -> str:
 def _tensors(weights: dict[str, Tensor]) -> dict[str, Tensor]:
     """Detached, contiguous CPU copies (what safetensors needs)."""
     return {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (temporary file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(
@@ -85,7 +74,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text(root / LATEST, final.name + "\n")
+    write_atomic(root / LATEST, final.name + "\n")
     if keep_last > 0:
         prune(root, keep_last, protect=final)
     return final

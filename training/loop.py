@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from selfflow.configs.schema import Config, ConfigError, save_config
+from selfflow.configs.schema import Config, ConfigError, load_config, save_config
 from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, WorkerPipeline
 from selfflow.inference.pipeline import Generator, autocast, image_grid, pick_device, save_image
 from selfflow.models.factory import (
@@ -36,7 +36,7 @@ from selfflow.training.objectives import OBJECTIVES, Batch, Models, ObjectiveOut
 from selfflow.training.tracking import MetricMeter, RunLogger
 
 TEACHER_OBJECTIVES = ("self_flow", "sra")
-TASK_OF = {("image",): "image", ("video",): "video", ("audio",): "audio", ("audio", "video"): "av"}
+TASK_OF = {tuple(sorted(mods)): task for task, mods in TASK_MODALITIES.items()}  # modalities -> task
 # Sections a checkpoint must agree on with the command that resumes it.
 FROZEN_SECTIONS = ("model", "spec", "text", "codecs")
 
@@ -156,8 +156,6 @@ def save(tr: Trainer, run_dir: Path) -> Path:
 
 def check_compatible(cfg: Config, ckpt: Path) -> None:
     """The resuming command must describe the same model as the checkpoint; other sections may change."""
-    from selfflow.configs.schema import load_config
-
     saved = load_config(ckpt / "config.yaml")
     for section in FROZEN_SECTIONS:
         old, new = asdict(getattr(saved, section)), asdict(getattr(cfg, section))
