@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -82,3 +83,6 @@ def test_atomic_writes_leave_the_old_file_on_failure(tmp_path):
     assert target.read_text() == "old" and [p.name for p in target.parent.iterdir()] == ["f.txt"]
     write_atomic(target, b"new")
     assert target.read_bytes() == b"new"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
