@@ -14,7 +14,8 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup sysdeps venv lint format test demo clean
+.PHONY: setup sysdeps venv lint format test demo default-model clean
+comma      := ,
 
 setup: sysdeps venv
 
@@ -65,6 +66,25 @@ demo: setup
 	$(PY) inference/sample_image.py --ckpt $(DEMO)/run --prompts configs/prompts/fashion_mnist.txt \
 	  --num 8 --out $(DEMO)/samples.png
 	@echo "demo outputs: $(DEMO)/samples.png (samples), $(DEMO)/loss.png (loss curve), $(DEMO)/run (metrics, checkpoints)"
+
+# The default model that ships in assets/default/ (MODEL_CARD.md): the offline benchmark's class images,
+# word signs, moving objects and bouncing balls with sound -> shards -> the `default` preset trained on the
+# CPU -> an exported snapshot. Rerunning resumes the training run.
+DM         ?= outputs/default-model
+DM_STEPS   ?= 3000
+DM_SOURCES := class text video av
+default-model: setup
+	@bench() { test -f $(DM)/media/$$1/.complete || { $(PY) tools/make_benchmark.py --seed 0 --overwrite \
+	  --out $(DM)/media/$$1 "$${@:2}" && touch $(DM)/media/$$1/.complete; }; }; \
+	bench class --task class --dataset fashion-mnist --n 6000 && \
+	bench text --task text --resolution 32x64 --n 4000 && \
+	bench video --task video --source mixed --resolution 32x32 --fps 12 --duration 3 --n 3000 && \
+	bench av --task av --scene ball --resolution 32x32 --fps 12 --duration 3 --n 4000
+	for s in $(DM_SOURCES); do $(PY) tools/make_shards.py --quiet --input $(DM)/media/$$s \
+	  --output $(DM)/shards/$$s --shard-samples 500 || exit 1; done
+	$(PY) training/main.py --config configs/default.yaml run.dir=$(DM)/run train.max_steps=$(DM_STEPS) \
+	  data.shards=$(subst $(eval) ,$(comma),$(addprefix $(DM)/shards/,$(DM_SOURCES)))
+	$(PY) tools/export_snapshot.py $(DM)/run --out assets/default
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

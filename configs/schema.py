@@ -131,7 +131,7 @@ class TrainConfig:
 class DataConfig:
     """Mixed-task shards (selfflow.data.pipeline): one task per batch, drawn by weight."""
 
-    shards: str = ""  # a tools/make_shards.py output folder (one shard set per task)
+    shards: str = ""  # tools/make_shards.py output folder(s), comma-separated (one shard set per task)
     weights: dict[str, float] = field(
         default_factory=dict
     )  # {task: weight}; empty: every task found, equally
@@ -139,6 +139,13 @@ class DataConfig:
     shuffle_buffer: int = 256
     strict: bool = False  # raise on a bad sample instead of skipping and counting it
     num_workers: int = 0  # DataLoader processes, each reading its own shards; 0: decode in the main process
+    image_fit: str = (
+        "crop"  # images to the spec's size: crop (cover, cut the centre) | pad (fit, extend border)
+    )
+
+    def __post_init__(self) -> None:
+        if self.image_fit not in ("crop", "pad"):
+            raise ConfigError(f"data.image_fit {self.image_fit!r} is not one of crop, pad")
 
 
 @dataclass
@@ -178,7 +185,7 @@ class Config:
 def preset_path(name_or_path: str | Path) -> Path:
     """A preset name (`tiny`) or a YAML path -> the YAML file."""
     path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
+    if path.suffix not in (".yaml", ".yml", ".json"):  # JSON is YAML too (a snapshot's config.json)
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -213,6 +220,11 @@ def _merge(base: DictConfig, update: DictConfig, source: str, key: str | None) -
         raise ConfigError(
             f"{source}: bad value for '{key}': {first}" if key else f"{source}: {first}"
         ) from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain containers (for JSON)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def config_to_yaml(cfg: Config) -> str:

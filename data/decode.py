@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import re
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 # Shard field of an encoded image, keyed by the format PIL detects in the bytes.
@@ -64,6 +65,22 @@ def resize_center_crop(img: Image.Image, height: int, width: int) -> Image.Image
     crop_w, crop_h = width / scale, height / scale  # the source window that maps onto the output
     left, top = (img.width - crop_w) / 2, (img.height - crop_h) / 2
     return img.resize((width, height), RESAMPLE, box=(left, top, left + crop_w, top + crop_h))
+
+
+def resize_pad(img: Image.Image, height: int, width: int) -> Image.Image:
+    """Scale to fit inside height x width keeping the aspect ratio, then extend the border pixels to
+    fill the rest (letterboxing that stays invisible on plain backgrounds)."""
+    if img.size == (width, height):
+        return img
+    scale = min(width / img.width, height / img.height)
+    w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+    pixels = np.asarray(img.resize((w, h), RESAMPLE))  # [h, w] or [h, w, C]
+    top, left = (height - h) // 2, (width - w) // 2
+    pad = [(top, height - h - top), (left, width - w - left)] + [(0, 0)] * (pixels.ndim - 2)
+    return Image.fromarray(np.pad(pixels, pad, mode="edge"))
+
+
+FITS = {"crop": resize_center_crop, "pad": resize_pad}  # how an image meets the spec's size
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -22,6 +22,21 @@ def _manifest_shards(folder: Path, task: str) -> list[str] | None:
     return [str(folder / shard["file"]) for shard in manifest.get("shards", {}).get(task, [])]
 
 
+def split_sources(shards: ShardSource) -> list[str]:
+    """`a,b` -> ["a", "b"]: several shard folders / patterns in one string (commas inside a brace
+    pattern stay); a list is returned as strings."""
+    if isinstance(shards, (list, tuple)):
+        return [str(s) for s in shards]
+    parts, depth, start, text = [], 0, 0, str(shards)
+    for i, char in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
 def resolve_shards(shards: ShardSource, task: str = "image") -> list[str]:
     """Shard paths from a folder (its manifest, else `<task>-*.tar`), a glob, a brace pattern
     (`a-{000000..000009}.tar`), one file, or a list of any of these."""

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from selfflow.data.avio import decode_audio, decode_av
-from selfflow.data.decode import IMAGE_FIELDS, open_image, resize_center_crop, to_channels
-from selfflow.data.loader import resolve_shards
+from selfflow.data.decode import FITS, IMAGE_FIELDS, open_image, to_channels
+from selfflow.data.loader import resolve_shards, split_sources
 from selfflow.data.shards import iter_tar_samples
 from selfflow.tokenizers.spec import ClipSpec
 
@@ -66,8 +66,10 @@ class Sample:
     caption: str
 
 
-def decode_sample(raw: dict, task: str, spec: ClipSpec) -> Sample:
-    """A raw tar sample {"__key__", field: bytes} -> Sample; DataError naming the problem."""
+def decode_sample(raw: dict, task: str, spec: ClipSpec, image_fit: str = "crop") -> Sample:
+    """A raw tar sample {"__key__", field: bytes} -> Sample; DataError naming the problem.
+    Images meet the spec's size by `image_fit`: "crop" (cover, cut the centre) or "pad" (fit inside,
+    extend the border)."""
     key = str(raw["__key__"])
     field_name = next((f for f in TASK_FIELDS[task] if f in raw), None)
     if field_name is None:
@@ -83,7 +85,7 @@ def decode_sample(raw: dict, task: str, spec: ClipSpec) -> Sample:
     try:
         if task == "image":
             img = to_channels(open_image(data), spec.video_channels)
-            pixels = np.asarray(resize_center_crop(img, spec.image_height, spec.image_width), np.float32)
+            pixels = np.asarray(FITS[image_fit](img, spec.image_height, spec.image_width), np.float32)
             media = {"image": pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1) / 127.5 - 1}
         elif task == "audio":
             media = {"audio": decode_audio(data, spec)}
@@ -125,6 +127,7 @@ class TaskStream:
     workers: int = 1
     shuffle_buffer: int = 256
     strict: bool = False
+    image_fit: str = "crop"
     epoch: int = 0
     position: int = 0  # raw samples consumed in this epoch, bad ones included
     skipped: dict[str, str] = field(default_factory=dict)  # "shard:key" -> reason
@@ -186,7 +189,7 @@ class TaskStream:
                 continue
             self.position += 1
             try:
-                return decode_sample(raw, self.task, self.spec)
+                return decode_sample(raw, self.task, self.spec, self.image_fit)
             except DataError as err:
                 self._fault(f"{raw['__shard__']}:{raw['__key__']}", str(err))
 
@@ -200,17 +203,29 @@ class TaskStream:
 
 
 def available_tasks(shards: str | Path) -> list[str]:
-    """Tasks with a shard set in a make_shards output folder (manifest counts, else file prefixes)."""
-    folder = Path(shards)
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        counts = json.loads(manifest.read_text()).get("counts", {})
-        return [t for t in TASK_MODALITIES if counts.get(t, 0) > 0]
-    return [t for t in TASK_MODALITIES if any(folder.glob(f"{t}-*.tar"))]
+    """Tasks with a shard set in any of the make_shards output folders `shards` names (comma-separated;
+    a folder's manifest counts, else its file prefixes)."""
+    found = set()
+    for source in split_sources(shards):
+        folder = Path(source)
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            counts = json.loads(manifest.read_text()).get("counts", {})
+            found.update(t for t in TASK_MODALITIES if counts.get(t, 0) > 0)
+        else:
+            found.update(t for t in TASK_MODALITIES if any(folder.glob(f"{t}-*.tar")))
+    return [t for t in TASK_MODALITIES if t in found]
+
+
+def _task_shards(shards: str | Path, task: str) -> list[str]:
+    """The task's shards from every source that has some."""
+    sources = [s for s in split_sources(shards) if task in available_tasks(s)]
+    return [path for source in sources for path in resolve_shards(source, task)]
 
 
 class DataPipeline:
-    """Per-task streams mixed by weight; each batch holds one task with that task's batch size."""
+    """Per-task streams mixed by weight; each batch holds one task with that task's batch size.
+    `shards` may name several make_shards folders, comma-separated: a task reads all of their shards."""
 
     def __init__(
         self,
@@ -227,7 +242,10 @@ class DataPipeline:
         workers: int = 1,
         shuffle_buffer: int = 256,
         strict: bool = False,
+        image_fit: str = "crop",
     ) -> None:
+        if image_fit not in FITS:
+            raise ValueError(f"image_fit must be one of {', '.join(FITS)}, got {image_fit!r}")
         found = available_tasks(shards)
         weights = dict(weights) if weights else {t: 1.0 for t in found}
         missing = [t for t in weights if t not in found]
@@ -243,10 +261,10 @@ class DataPipeline:
         )
         self.batch_sizes = {t: int((batch_sizes or {}).get(t, batch_size)) for t in self.tasks}
         self.seed, self.rank, self.worker, self.batches = seed, rank, worker, 0
-        proc = {"rank": rank, "world": world, "worker": worker, "workers": workers}
+        proc = {"rank": rank, "world": world, "worker": worker, "workers": workers, "image_fit": image_fit}
         self.streams = {
             t: TaskStream(
-                t, resolve_shards(shards, t), spec, seed, shuffle_buffer=shuffle_buffer, strict=strict, **proc
+                t, _task_shards(shards, t), spec, seed, shuffle_buffer=shuffle_buffer, strict=strict, **proc
             )
             for t in self.tasks
         }

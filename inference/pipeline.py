@@ -24,6 +24,7 @@ from torch import Tensor
 from selfflow.configs.schema import Config, load_config
 from selfflow.data.atomic import atomic_path
 from selfflow.inference import samplers
+from selfflow.inference.snapshot import DEFAULT_SNAPSHOT, WEIGHTS, is_snapshot, read_snapshot
 from selfflow.models.factory import (
     TextConditioner,
     build_media_tokenizer,
@@ -50,19 +51,36 @@ def autocast(device: torch.device, precision: str = "auto") -> contextlib.Abstra
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def resolve_model(path: str | Path | None) -> Path:
+    """--ckpt -> a snapshot folder or a complete checkpoint; None -> the default model that ships."""
+    if path is None:
+        if not is_snapshot(DEFAULT_SNAPSHOT):
+            raise FileNotFoundError(f"no default model at {DEFAULT_SNAPSHOT}: pass --ckpt")
+        return DEFAULT_SNAPSHOT
+    return Path(path) if is_snapshot(path) else resolve_checkpoint(path)
+
+
+def weights_file(path: Path, weights: str = "ema") -> Path:
+    """The safetensors file a snapshot or checkpoint (from `resolve_model`) is sampled with."""
+    return path / (WEIGHTS if is_snapshot(path) else f"{weights}.safetensors")
+
+
 def load_snapshot(
-    path: str | Path, device: str | torch.device = "cpu", weights: str = "ema"
+    path: str | Path | None, device: str | torch.device = "cpu", weights: str = "ema"
 ) -> tuple[Config, MMDiT]:
-    """The resolved config and the model with the checkpoint's `weights` ("ema" or "model"), in eval mode."""
-    ckpt = resolve_checkpoint(path)
-    cfg = load_config(ckpt / "config.yaml")
-    model = build_model(cfg, "meta")
+    """The resolved config and the model, in eval mode, from a snapshot folder (sha256-checked), or a
+    run / checkpoint with its `weights` ("ema" or "model"); None: the default model."""
+    ckpt = resolve_model(path)
     try:
-        state = load_weights(ckpt, weights)
-    except FileNotFoundError:
+        if is_snapshot(ckpt):
+            cfg, state, _ = read_snapshot(ckpt)
+        else:
+            cfg, state = load_config(ckpt / "config.yaml"), load_weights(ckpt, weights)
+    except (FileNotFoundError, ValueError):
         raise
     except Exception as e:  # safetensors raises its own error type on a damaged file
-        raise ValueError(f"{ckpt}: unreadable {weights}.safetensors ({e})") from None
+        raise ValueError(f"{ckpt}: unreadable weights ({e})") from None
+    model = build_model(cfg, "meta")
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -114,6 +132,8 @@ class Generator:
         ids = self.media.position_ids(mods).to(self.device)  # [L, 4]
         txt, mask = self.encode_text(list(prompts))
         drop = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
+        with autocast(self.device, self.precision):  # caption and positions: once, not once per step
+            conds = {u: self.model.condition(ids, txt, mask, drop if u else None) for u in (False, True)}
 
         def split(x: Tensor) -> dict[str, Tensor]:  # [B, L, width] -> {m: [B, L_m, C_m]}
             parts = x.split(sizes, dim=1)
@@ -121,9 +141,7 @@ class Generator:
 
         def velocity(x: Tensor, t: Tensor, uncond: bool) -> Tensor:
             with autocast(self.device, self.precision):
-                v = self.model(
-                    split(x), ids, t, txt, txt_mask=mask, drop_txt=drop if uncond else None
-                ).velocity
+                v = self.model(split(x), ids, t, None, cond=conds[uncond]).velocity
             # back to one [B, L, width] tensor, zero in the channels a modality does not use
             return torch.cat([F.pad(v[m].float(), (0, width - v[m].shape[-1])) for m in mods], dim=1)
 

@@ -55,6 +55,16 @@ class MMDiTOutput:
     hidden: dict[int, Tensor]  # block number (1-indexed over all blocks) -> media hidden [B, L, D]
 
 
+@dataclass
+class Condition:
+    """What depends on the caption and the token positions only, not on x or t: the sampler computes
+    it once (`MMDiT.condition`) and passes it to every step."""
+
+    txt: Tensor  # [B, Lt, D] embedded caption (the null token where the caption is dropped)
+    mask: Tensor | None  # [B, Lt] bool, True = real token
+    pe: tuple[Tensor, Tensor]  # rotary tables of [text; media] positions
+
+
 class MMDiT(nn.Module):
     def __init__(self, params: MMDiTParams) -> None:
         super().__init__()
@@ -99,7 +109,7 @@ class MMDiT(nn.Module):
         media: dict[str, Tensor],  # modality -> tokens [B, L_m, C_m], concatenated in this order
         media_ids: Tensor,  # [L, 4] or [B, L, 4] positions (t, h, w, l) of the concatenated media
         t: Tensor,  # [B] one level per sample, [B, L] per token, or [B, K] levels with t_index
-        txt: Tensor,  # [B, Lt] token ids, or [B, Lt, F] frozen-encoder features
+        txt: Tensor | None,  # [B, Lt] token ids, or [B, Lt, F] frozen-encoder features; None with cond
         *,
         t_index: Tensor | None = None,  # [B, L] long: level of each media token in t [B, K]
         txt_t: Tensor | None = None,  # [B] level the text stream is modulated with (default: t [B])
@@ -107,6 +117,7 @@ class MMDiT(nn.Module):
         drop_txt: Tensor | None = None,  # [B] bool: replace the caption by the null caption (CFG)
         return_hidden: Sequence[int] = (),
         stop_after: int | None = None,  # run blocks 1..stop_after only, return hidden states only
+        cond: Condition | None = None,  # precomputed `condition(...)`: replaces txt, txt_mask, drop_txt
     ) -> MMDiTOutput:
         img, lengths = self._embed_media(media)
         levels, index = self._levels(t, t_index, img.shape[1])
@@ -114,13 +125,25 @@ class MMDiT(nn.Module):
             if levels.shape[1] != 1:
                 raise ValueError("per-token levels need an explicit txt_t for the text stream")
             txt_t = levels[:, 0]
-        txt_h, mask = self._embed_text(txt, txt_mask, drop_txt)
-        pe = self.pe(_joint_ids(txt_h.shape[1], media_ids, img.shape[0]))
+        c = cond if cond is not None else self.condition(media_ids, txt, txt_mask, drop_txt)
         vec = self.time_in(torch.cat([txt_t[:, None], levels], dim=1))  # [B, 1 + K, D]
-        img, hidden = self._run_blocks(img, txt_h, vec, index, pe, mask, return_hidden, stop_after)
+        img, hidden = self._run_blocks(img, c.txt, vec, index, c.pe, c.mask, return_hidden, stop_after)
         if stop_after is not None:
             return MMDiTOutput(None, hidden)
         return MMDiTOutput(self.final(img, vec[:, 1:], index, lengths), hidden)
+
+    def condition(
+        self,
+        media_ids: Tensor,  # [L, 4] or [B, L, 4]
+        txt: Tensor | None,  # [B, Lt] ids or [B, Lt, F] features
+        txt_mask: Tensor | None = None,  # [B, Lt]
+        drop_txt: Tensor | None = None,  # [B] bool
+    ) -> Condition:
+        """The caption embedding, its mask and the rotary tables: the step-independent part of forward."""
+        if txt is None:
+            raise ValueError("give txt, or a precomputed cond")
+        txt_h, mask = self._embed_text(txt, txt_mask, drop_txt)
+        return Condition(txt_h, mask, self.pe(_joint_ids(txt_h.shape[1], media_ids, txt_h.shape[0])))
 
     def _embed_media(self, media: dict[str, Tensor]) -> tuple[Tensor, dict[str, int]]:
         unknown = set(media) - set(self.media_in)

@@ -240,3 +240,20 @@ def test_cuda_backends_match_sdpa(tiny_cfg, backend):
         outs.append(model(media, ids, t, txt).velocity)
     for m in media:
         torch.testing.assert_close(outs[0][m].float(), outs[1][m].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_precomputed_condition_gives_the_same_velocity(tiny_cfg):
+    """The sampler's cached caption / rotary work (`condition`) changes nothing, with and without CFG drop."""
+    model = randomize(MMDiT(model_params(tiny_cfg)), seed=3).eval()
+    media, ids, txt = joint_batch(tiny_cfg)
+    mask = torch.ones_like(txt, dtype=torch.bool)
+    mask[0, 10:] = False
+    drop = torch.tensor([True, False])
+    for d in (None, drop):
+        for t in (torch.tensor([0.3, 0.8]), torch.tensor([0.9, 0.1])):
+            cond = model.condition(ids, txt, mask, d)
+            cached = model(media, ids, t, None, cond=cond).velocity
+            direct = model(media, ids, t, txt, txt_mask=mask, drop_txt=d).velocity
+            assert all(torch.equal(cached[m], direct[m]) for m in media)
+    with pytest.raises(ValueError, match="precomputed cond"):
+        model(media, ids, torch.rand(2), None)

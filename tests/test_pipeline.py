@@ -201,3 +201,40 @@ def test_benchmark_ball_bounces_stay_in_sync_through_shards_and_decoding(benchma
             assert min(abs(o - e) for o in onsets) < 0.01, (s.key, e, onsets)
             checked += 1
     assert checked > 0
+
+
+def test_several_shard_folders_feed_one_pipeline(shards, fmnist_shards):
+    """`a,b`: every task reads the shards of all the folders that have it (commas in braces stay)."""
+    from selfflow.data.loader import split_sources
+    from selfflow.data.pipeline import available_tasks
+
+    assert split_sources(f"{shards}, x-{{a,b}}.tar") == [str(shards), "x-{a,b}.tar"]
+    both = f"{shards},{fmnist_shards}"
+    assert available_tasks(both) == ["image", "audio", "av"]
+    pipe = DataPipeline(both, SPEC, seed=0, weights={"image": 1, "av": 1}, batch_size=2)
+    image_shards = pipe.streams["image"].shards
+    assert len(image_shards) == 2 * len(resolve_shards(fmnist_shards, "image"))
+    assert pipe.streams["av"].shards == resolve_shards(shards, "av")  # only one folder has av
+    assert {next(pipe).task for _ in range(6)} == {"image", "av"}
+
+
+def test_pad_fit_letterboxes_images_with_their_border():
+    """data.image_fit=pad: a square image in a 32x64 spec keeps all its pixels, centred, with the border
+    colour extended to the sides; crop cuts it to fill the frame."""
+    from PIL import Image
+
+    from selfflow.data.decode import png_bytes
+    from selfflow.data.pipeline import decode_sample
+
+    spec = load_config("default").spec  # images 32x64
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[8:24, 8:24] = 255  # a white square on black
+    raw = {"__key__": "sq", "png": png_bytes(Image.fromarray(pixels)), "txt": b"a square"}
+    padded = decode_sample(raw, "image", spec, "pad").media["image"]  # [3, 32, 64]
+    assert padded.shape == (3, 32, 64)
+    np.testing.assert_array_equal(padded[:, :, 16:48], pixels.transpose(2, 0, 1) / 127.5 - 1)
+    assert (padded[:, :, :16] == -1).all() and (padded[:, :, 48:] == -1).all()
+    cropped = decode_sample(raw, "image", spec, "crop").media["image"]
+    assert cropped.shape == (3, 32, 64) and (cropped > 0.9).mean() > 0.4  # the square, scaled up, fills half
+    with pytest.raises(ValueError, match="image_fit"):
+        DataPipeline("unused", spec, image_fit="stretch")

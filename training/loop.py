@@ -207,6 +207,7 @@ def build_data(cfg: Config) -> DataPipeline | WorkerPipeline:
         batch_size=cfg.train.batch_size,
         shuffle_buffer=d.shuffle_buffer,
         strict=d.strict,
+        image_fit=d.image_fit,
     )
     return WorkerPipeline(kwargs, d.num_workers) if d.num_workers > 0 else DataPipeline(**kwargs)
 

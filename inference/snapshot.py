@@ -1,0 +1,87 @@
+"""Snapshots: what inference loads. A folder with the EMA weights, the resolved config and a digest:
+
+    model.safetensors   EMA weights (float16 by default: half the bytes, loaded back as float32)
+    config.json         the resolved training config
+    snapshot.json       {"format": 1, "sha256": <of model.safetensors>, "dtype", "step", "source"}
+
+`export_snapshot` makes one from a training checkpoint; `read_snapshot` checks the digest before it
+trusts the weights, so a damaged or swapped file is an error, not a silently different model. Nothing
+is unpickled: safetensors and JSON only. The default model that ships with the package is the
+snapshot in `assets/default/` (see MODEL_CARD.md); the sampling CLIs use it when no --ckpt is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from selfflow.configs.schema import Config, config_to_dict, load_config
+from selfflow.training.checkpoint import load_weights, resolve_checkpoint
+
+WEIGHTS, CONFIG, INFO = "model.safetensors", "config.json", "snapshot.json"
+FORMAT = 1
+DEFAULT_SNAPSHOT = Path(__file__).resolve().parent.parent / "assets" / "default"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_snapshot(path: str | Path) -> bool:
+    return (Path(path) / INFO).is_file()
+
+
+def export_snapshot(ckpt: str | Path, out: str | Path, dtype: str = "float16", weights: str = "ema") -> Path:
+    """Checkpoint (or run dir) -> snapshot folder `out`, written beside it and renamed into place."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    ckpt, out = resolve_checkpoint(ckpt), Path(out)
+    cfg = load_config(ckpt / "config.yaml")
+    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in load_weights(ckpt, weights).items()}
+    step = json.loads((ckpt / "state.json").read_text()).get("step")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    try:
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        info = {"format": FORMAT, "sha256": sha256_file(tmp / WEIGHTS), "dtype": dtype, "step": step}
+        (tmp / INFO).write_text(json.dumps({**info, "source": f"{ckpt.name} ({weights})"}, indent=2) + "\n")
+        old = out.with_name(f".old-{out.name}")  # replace a previous export only once this one is whole
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_snapshot(path: str | Path) -> tuple[Config, dict[str, Tensor], dict[str, Any]]:
+    """(config, float32 weights, snapshot.json) after checking the weights' sha256."""
+    path = Path(path)
+    info = json.loads((path / INFO).read_text())
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{path}: snapshot format {info.get('format')!r}, expected {FORMAT}")
+    for name in (WEIGHTS, CONFIG):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"snapshot {path} has no {name}")
+    if sha256_file(path / WEIGHTS) != info.get("sha256"):
+        raise ValueError(f"{path}: {WEIGHTS} does not match the sha256 in {INFO} (damaged or replaced)")
+    cfg = load_config(path / CONFIG)
+    state = {k: v.float() for k, v in load_file(str(path / WEIGHTS)).items()}
+    return cfg, state, info
