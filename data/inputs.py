@@ -2,10 +2,10 @@
 
     entries, skips = scan_inputs(Path("media/"))      # or Path("list.jsonl"), Path("list.csv")
 
-Folder: the top level only. A media file `<stem>.<ext>` needs a caption `<stem>.txt` and may have
-metadata `<stem>.json` (an object). Manifest: one row per sample with `path` (relative to the
-manifest's folder, or absolute) and `caption`, optionally `key`; JSONL rows may carry a `meta` object,
-and any other column or key becomes metadata too.
+Folder: the top level only, hidden names (`.*`) ignored. A media file `<stem>.<ext>` needs a caption
+`<stem>.txt` and may have metadata `<stem>.json` (an object). Manifest: one row per sample with `path`
+(relative to the manifest's folder, or absolute) and `caption`, optionally `key`; JSONL rows may carry a
+`meta` object, and any other column or key becomes metadata too.
 
 Every input becomes an Entry (sorted by key, the order samples are written in) or a Skip with the
 reason. Captions and metadata are read here; decoding the media is left to `packing`.
@@ -108,6 +108,8 @@ def scan_folder(folder: Path) -> tuple[list[Entry], list[Skip]]:
     groups: dict[str, list[Path]] = {}
     skips: list[Skip] = []
     for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):  # hidden files and folders (stamps, editor and OS files)
+            continue
         suffix = path.suffix.lower()
         if path.is_dir():
             skips.append(Skip(str(path), "subfolder (only the top level of --input is read)"))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
 from selfflow.configs.schema import Config, load_config
 from selfflow.data.atomic import atomic_path
@@ -120,8 +121,10 @@ class Generator:
         cfg_scale: float = 1.0,
         shift: float = 1.0,
         interval: tuple[float, float] = (0.0, 1.0),
+        progress: bool = False,
     ) -> dict[str, Tensor]:
-        """One sample per (prompt, seed); media tokens of all `modalities` are sampled jointly."""
+        """One sample per (prompt, seed); media tokens of all `modalities` are sampled jointly.
+        `progress` shows a bar of velocity evaluations (each one conditional + unconditional under CFG)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if sampler not in samplers.SAMPLERS:
@@ -148,9 +151,16 @@ class Generator:
         v_fn = samplers.cfg(
             lambda x, t: velocity(x, t, False), lambda x, t: velocity(x, t, True), cfg_scale, interval
         )
+        bar = tqdm(total=samplers.evaluations(sampler, steps), unit="eval", disable=not progress, leave=False)
+
+        def counted(x: Tensor, t: Tensor) -> Tensor:
+            bar.update()
+            return v_fn(x, t)
+
         x1 = samplers.initial_noise((sum(sizes), width), list(seeds), device=self.device)  # [B, L, width]
         kw = {"noise": list(seeds)} if sampler == "euler_maruyama" else {}
-        x0 = samplers.sample(sampler, v_fn, x1, steps, shift, **kw)
+        with bar:
+            x0 = samplers.sample(sampler, counted, x1, steps, shift, **kw)
         return {m: media.float().cpu() for m, media in self.media.decode(split(x0)).items()}
 
 

@@ -3,9 +3,12 @@
 sequence, then decoded and muxed into an mp4 (H.264 + AAC), with the wav, a PNG contact sheet of
 the frames and a JSON sidecar of how it was made.
 
-    python inference/sample_av.py --ckpt runs/av --prompt "a ball bounces three times" --out ball.mp4
+    python inference/sample_av.py --prompt "a ball bounces three times" --out ball.mp4
+    python inference/sample_av.py --ckpt runs/av --prompts prompts.txt --out clips/av.mp4
 
-`--ckpt` is a run directory, its checkpoints/ folder or one checkpoint (the EMA weights are used).
+`--ckpt` is a snapshot (tools/export_snapshot.py), a run directory, its checkpoints/ folder or one
+checkpoint (the EMA weights are used); without it, the default model that ships in assets/default/
+(MODEL_CARD.md).
 `--duration`, `--fps` and `--size HxW` change the clip spec the model was trained with (positions are
 rotary, so other lengths work, with quality best near the training spec). `--prompts file.txt` makes
 one clip per line: `<out stem>_000.mp4`, ... Every file is written to a temporary name and renamed,
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -31,14 +33,24 @@ from selfflow.configs.schema import Config, ConfigError
 from selfflow.data.atomic import write_atomic
 from selfflow.data.avio import encode_mp4
 from selfflow.data.decode import parse_size
-from selfflow.inference.pipeline import Generator, image_grid, load_snapshot, pick_device, to_uint8
+from selfflow.inference.pipeline import (
+    Generator,
+    image_grid,
+    load_snapshot,
+    pick_device,
+    resolve_model,
+    to_uint8,
+    weights_file,
+)
 from selfflow.inference.samplers import SAMPLERS
-from selfflow.training.checkpoint import resolve_checkpoint
+from selfflow.inference.snapshot import sha256_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="run dir, checkpoints/ dir or one checkpoint")
+    p.add_argument(
+        "--ckpt", help="snapshot, run dir, checkpoints/ dir or one checkpoint (default: the shipped model)"
+    )
     p.add_argument("--prompt", help="one prompt")
     p.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
     p.add_argument("--out", type=Path, default=Path("clip.mp4"))
@@ -51,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, help="frames per second (default: the model's spec)")
     p.add_argument("--size", help="HxW (default: the model's spec)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -110,15 +123,24 @@ def run(args: argparse.Namespace, modalities: tuple[str, ...] = ("video", "audio
     if not os.access(args.out.parent, os.W_OK):
         raise PermissionError(f"cannot write to {args.out.parent}")
     device = pick_device(args.device)
-    ckpt = resolve_checkpoint(args.ckpt)
+    ckpt = resolve_model(args.ckpt)
     cfg, model = load_snapshot(ckpt, device)
     cfg = clip_spec(cfg, args)
-    digest = hashlib.sha256((ckpt / "ema.safetensors").read_bytes()).hexdigest()
+    digest = sha256_file(weights_file(ckpt))
     gen = Generator(cfg, model, device)
     outs = []
     for i, prompt in enumerate(prompts):
         seed = args.seed + i
-        media = gen.generate([prompt], [seed], modalities, args.steps, args.sampler, args.cfg, args.shift)
+        media = gen.generate(
+            [prompt],
+            [seed],
+            modalities,
+            args.steps,
+            args.sampler,
+            args.cfg,
+            args.shift,
+            progress=not args.quiet,
+        )
         meta = {
             "prompt": prompt,
             "seed": seed,

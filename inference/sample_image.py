@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Prompts -> a PNG grid from an EMA snapshot.
 
-    python inference/sample_image.py --ckpt runs/demo --prompt "a photo of a sneaker" --num 8 --out grid.png
+    python inference/sample_image.py --prompt 'a sign that says "cat"' --num 8 --out grid.png
+    python inference/sample_image.py --ckpt runs/demo --prompts configs/prompts/fashion_mnist.txt
 
-`--ckpt` is a run directory, its checkpoints/ folder or one checkpoint; the EMA weights and the
-resolved config saved with them are loaded. Sample i of prompt p uses seed `--seed + index`, so a sample
-does not depend on the batch it is drawn in. The grid has one row per prompt.
+`--ckpt` is a snapshot (tools/export_snapshot.py), a run directory, its checkpoints/ folder or one
+checkpoint; the EMA weights and the resolved config saved with them are loaded. Without it, the default
+model that ships in assets/default/ (MODEL_CARD.md). Sample i of prompt p uses seed `--seed + index`,
+so a sample does not depend on the batch it is drawn in. The grid has one row per prompt.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from selfflow.inference.samplers import SAMPLERS
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="run dir, checkpoints/ dir or one checkpoint")
+    p.add_argument(
+        "--ckpt", help="snapshot, run dir, checkpoints/ dir or one checkpoint (default: the shipped model)"
+    )
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
     p.add_argument("--out", type=Path, default=Path("samples.png"))
@@ -35,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16, help="images per forward batch")
     p.add_argument("--device", default="auto")
-    p.add_argument("--weights", default="ema", choices=("ema", "model"))
+    p.add_argument("--weights", default="ema", choices=("ema", "model"), help="of a training checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> Path:
             args.sampler,
             args.cfg,
             args.shift,
+            progress=not args.quiet,
         )
         images.append(out["image"])
     return save_image(image_grid(torch.cat(images), nrow=args.num), args.out)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Prompt(s) -> silent mp4 video(s) (H.264) plus a PNG contact sheet and a JSON sidecar.
 
-    python inference/sample_video.py --ckpt runs/video --prompt "a sneaker moves to the left" --out clip.mp4
+    python inference/sample_video.py --prompt "the digit 3 moves to the right" --out clip.mp4
 
-Options as in `sample_av.py` (`--prompts`, `--steps`, `--sampler`, `--cfg`, `--seed`, `--duration`,
-`--fps`, `--size`); only video tokens are sampled.
+Options as in `sample_av.py` (`--ckpt`, default the shipped model; `--prompts`, `--steps`, `--sampler`,
+`--cfg`, `--seed`, `--duration`, `--fps`, `--size`); only video tokens are sampled.
 """
 
 from __future__ import annotations

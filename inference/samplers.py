@@ -190,6 +190,11 @@ def cfg(
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": euler, "heun": heun, "euler_maruyama": euler_maruyama}
 
 
+def evaluations(name: str, steps: int) -> int:
+    """Velocity calls of sampler `name` over `steps` steps (heun's last step into t = 0 is Euler)."""
+    return 2 * steps - 1 if name == "heun" else steps
+
+
 def sample(name: str, v_fn: Velocity, x1: Tensor, steps: int, shift: float = 1.0, **kw: object) -> Tensor:
     """Run sampler `name` over `get_schedule(steps, shift)`; `kw` go to the sampler (e.g. noise=...)."""
     if name not in SAMPLERS:

@@ -113,3 +113,19 @@ def mixed_shards(fmnist_shards, tmp_path_factory) -> Path:
             w.write({"__key__": f"audio_{i:03d}", "flac": flac(i), "txt": f"a tone {i}"})
         w.write({"__key__": "audio_bad_empty", "flac": b"", "txt": "nothing"})
     return root
+
+
+@pytest.fixture(scope="session")
+def av_ckpt(mixed_shards, tmp_path_factory) -> Path:
+    """A checkpoint of the tiny preset after 2 AV training steps (for the sampling CLIs)."""
+    from selfflow.training.checkpoint import latest_checkpoint
+    from selfflow.training.loop import train
+
+    run_dir = tmp_path_factory.mktemp("avrun")
+    cfg = load_config(
+        "tiny",
+        [f"data.shards={mixed_shards}", f"run.dir={run_dir}", "data.weights={av: 1}", "train.batch_size=2",
+         "train.max_steps=2", "sample.num=1", "sample.steps=1"],
+    )  # fmt: skip
+    train(cfg, progress=False)
+    return latest_checkpoint(run_dir / "checkpoints")

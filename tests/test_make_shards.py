@@ -102,6 +102,7 @@ def write_inputs(folder: Path) -> Path:
             caption = "  \n" if name == "bad_blank.png" else f"a caption for {name.split('.')[0]}\n"
             (folder / name).with_suffix(".txt").write_text(caption)
     (folder / "img_c.json").write_text(json.dumps({"label": 3, "source": "test"}))
+    (folder / ".complete").touch()  # hidden files are not inputs (and not skips)
     return folder
 
 

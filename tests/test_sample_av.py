@@ -6,29 +6,13 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from pathlib import Path
 
 import av
 import pytest
 import soundfile
 import torch
 
-from selfflow.configs import load_config
 from selfflow.inference import sample_av
-from selfflow.training.checkpoint import latest_checkpoint
-from selfflow.training.loop import train
-
-
-@pytest.fixture(scope="module")
-def av_ckpt(mixed_shards, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("avrun")
-    cfg = load_config(
-        "tiny",
-        [f"data.shards={mixed_shards}", f"run.dir={run_dir}", "data.weights={av: 1}", "train.batch_size=2",
-         "train.max_steps=2", "sample.num=1", "sample.steps=1"],
-    )  # fmt: skip
-    train(cfg, progress=False)
-    return latest_checkpoint(run_dir / "checkpoints")
 
 
 def _run(*args: str) -> int:

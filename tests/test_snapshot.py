@@ -1,0 +1,136 @@
+"""Snapshots (EMA safetensors + config JSON + sha256): export, faithful loading, refusal of damaged
+weights; and the default model that ships in assets/default/, used by every CLI without --ckpt."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+import torch
+
+from selfflow.inference import sample_av, sample_image
+from selfflow.inference.pipeline import load_snapshot
+from selfflow.inference.snapshot import (
+    CONFIG,
+    DEFAULT_SNAPSHOT,
+    INFO,
+    WEIGHTS,
+    export_snapshot,
+    read_snapshot,
+    sha256_file,
+)
+from selfflow.tools import export_snapshot as export_cli
+from selfflow.training.checkpoint import load_weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_export_holds_the_ema_weights_config_and_digest(av_ckpt, tmp_path):
+    out = export_snapshot(av_ckpt, tmp_path / "snap", dtype="float32")
+    assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS, CONFIG, INFO])
+    info = json.loads((out / INFO).read_text())
+    assert info["sha256"] == sha256_file(out / WEIGHTS) and info["step"] == 2 and info["dtype"] == "float32"
+    cfg, state, _ = read_snapshot(out)
+    ema = load_weights(av_ckpt, "ema")
+    assert state.keys() == ema.keys() and all(torch.equal(state[k], ema[k]) for k in ema)
+    ckpt_cfg, _ = load_snapshot(av_ckpt)
+    assert cfg == ckpt_cfg
+    half = read_snapshot(export_snapshot(av_ckpt, tmp_path / "half"))[1]  # float16 by default
+    assert all(half[k].dtype == torch.float32 for k in half)
+    assert all(torch.allclose(half[k], ema[k], rtol=1e-3, atol=1e-4) for k in ema)
+    assert (tmp_path / "half" / WEIGHTS).stat().st_size < 0.6 * (out / WEIGHTS).stat().st_size
+
+
+def test_a_snapshot_samples_exactly_like_its_checkpoint(av_ckpt, tmp_path):
+    snap = export_snapshot(av_ckpt, tmp_path / "snap", dtype="float32")
+    wavs = []
+    for source, name in ((av_ckpt, "ckpt"), (snap, "snap")):
+        out = tmp_path / f"{name}.mp4"
+        args = ["--ckpt", str(source), "--prompt", "x", "--steps", "2", "--quiet", "--out", str(out)]
+        assert sample_av.main(args) == 0
+        wavs.append(out.with_suffix(".wav").read_bytes())
+    assert wavs[0] == wavs[1]
+    meta = json.loads((tmp_path / "snap.json").read_text())
+    assert meta["model_sha256"] == json.loads((snap / INFO).read_text())["sha256"]
+
+
+def test_damaged_or_missing_snapshot_files_are_refused(av_ckpt, tmp_path, capsys):
+    snap = export_snapshot(av_ckpt, tmp_path / "snap")
+    data = bytearray((snap / WEIGHTS).read_bytes())
+    data[-10] ^= 0xFF  # one flipped bit in a weight: still a readable safetensors file
+    (snap / WEIGHTS).write_bytes(bytes(data))
+    out = tmp_path / "x.mp4"
+    assert sample_av.main(["--ckpt", str(snap), "--prompt", "x", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "sha256" in err and err.count("\n") == 1 and not list(tmp_path.glob("x.*"))
+    (snap / CONFIG).unlink()
+    with pytest.raises(FileNotFoundError, match=CONFIG):
+        read_snapshot(snap)
+    assert export_cli.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "s2")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err and not (tmp_path / "s2").exists()
+
+
+def test_export_replaces_a_previous_snapshot_whole(av_ckpt, tmp_path, capsys):
+    out = tmp_path / "snap"
+    assert export_cli.main([str(av_ckpt), "--out", str(out), "--dtype", "float32"]) == 0
+    assert "step 2, float32" in capsys.readouterr().out
+    assert export_cli.main([str(av_ckpt), "--out", str(out)]) == 0
+    assert json.loads((out / INFO).read_text())["dtype"] == "float16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snap"]  # no temporary or old copies left
+
+
+needs_default = pytest.mark.skipif(
+    not (DEFAULT_SNAPSHOT / INFO).is_file(), reason="the default model is not in this checkout"
+)
+
+
+@needs_default
+def test_the_default_model_is_small_and_intact():
+    size = sum(p.stat().st_size for p in DEFAULT_SNAPSHOT.iterdir())
+    assert size <= 25 * 2**20
+    cfg, model = load_snapshot(None)  # sha256-checked
+    assert cfg.name == "default" and not model.training
+
+
+@needs_default
+def test_out_of_the_box_av_clip_has_picture_and_sound(tmp_path):
+    """The README's first command, as a user runs it: no --ckpt, default options."""
+    out = tmp_path / "ball.mp4"
+    cmd = [
+        sys.executable,
+        "inference/sample_av.py",
+        "--prompt",
+        "a ball bounces three times",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cfg, _ = load_snapshot(None)
+    with av.open(str(out)) as box:
+        v, a = box.streams.video[0], box.streams.audio[0]
+        assert v.codec_context.name == "h264" and a.codec_context.name == "aac"
+        frames = list(box.decode(video=0))
+    assert len(frames) == cfg.spec.num_frames
+    assert json.loads(out.with_suffix(".json").read_text())["checkpoint"] == str(DEFAULT_SNAPSHOT)
+
+
+@needs_default
+def test_default_model_draws_images_and_silent_video(tmp_path):
+    grid = tmp_path / "grid.png"
+    assert sample_image.main(["--prompt", 'a sign that says "cat"', "--num", "2", "--steps", "4",
+                              "--quiet", "--out", str(grid)]) == 0  # fmt: skip
+    from PIL import Image
+
+    h, w = Image.open(grid).size[::-1]
+    cfg, _ = load_snapshot(None)
+    assert (h, w) == (cfg.spec.image_height + 4, 2 * cfg.spec.image_width + 6)  # 1 row x 2, 2 px padding
+    clip = tmp_path / "clip.mp4"
+    args = ["--prompt", "the digit 3 moves to the right", "--steps", "4", "--quiet", "--out", str(clip)]
+    assert sample_av.main(args, modalities=("video",)) == 0
+    with av.open(str(clip)) as box:
+        assert len(box.streams.video) == 1 and not box.streams.audio
