@@ -19,13 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
 from selfflow.configs.schema import Config, load_config
 from selfflow.data.atomic import atomic_path
 from selfflow.inference import samplers
-from selfflow.inference.snapshot import DEFAULT_SNAPSHOT, WEIGHTS, is_snapshot, read_snapshot
+from selfflow.inference.offload import load_dispatched
+from selfflow.inference.snapshot import DEFAULT_SNAPSHOT, WEIGHTS, check_snapshot, is_snapshot
 from selfflow.models.factory import (
     TextConditioner,
     build_media_tokenizer,
@@ -34,7 +36,7 @@ from selfflow.models.factory import (
 )
 from selfflow.models.mmdit import MMDiT
 from selfflow.tokenizers.media import MediaTokenizer
-from selfflow.training.checkpoint import load_weights, resolve_checkpoint
+from selfflow.training.checkpoint import resolve_checkpoint
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -67,27 +69,34 @@ def weights_file(path: Path, weights: str = "ema") -> Path:
 
 
 def load_snapshot(
-    path: str | Path | None, device: str | torch.device = "cpu", weights: str = "ema"
+    path: str | Path | None,
+    device: str | torch.device = "cpu",
+    weights: str = "ema",
+    max_memory: dict[int | str, str] | None = None,
+    offload_dir: str | Path | None = None,
 ) -> tuple[Config, MMDiT]:
     """The resolved config and the model, in eval mode, from a snapshot folder (sha256-checked), or a
-    run / checkpoint with its `weights` ("ema" or "model"); None: the default model."""
+    run / checkpoint with its `weights` ("ema" or "model"); None: the default model. With `max_memory`
+    the weights are spread over devices (and `offload_dir`) by accelerate instead (`offload.py`)."""
     ckpt = resolve_model(path)
+    cfg = check_snapshot(ckpt)[0] if is_snapshot(ckpt) else load_config(ckpt / "config.yaml")
+    file = weights_file(ckpt, weights)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} has no {file.name}")
     try:
-        if is_snapshot(ckpt):
-            cfg, state, _ = read_snapshot(ckpt)
-        else:
-            cfg, state = load_config(ckpt / "config.yaml"), load_weights(ckpt, weights)
-    except (FileNotFoundError, ValueError):
-        raise
-    except Exception as e:  # safetensors raises its own error type on a damaged file
-        raise ValueError(f"{ckpt}: unreadable weights ({e})") from None
-    model = build_model(cfg, "meta")
-    try:
+        if max_memory is not None:
+            return cfg, load_dispatched(cfg, file, max_memory, offload_dir)
+        state = {k: v.float() for k, v in load_file(str(file), device="cpu").items()}
+        model = build_model(cfg, "meta")
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise ValueError(
             f"{ckpt}: the weights do not fit the saved config ({str(e).splitlines()[0]})"
         ) from None
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as e:  # safetensors raises its own error type on a damaged file
+        raise ValueError(f"{ckpt}: unreadable weights ({e})") from None
     return cfg, model.to(device).eval()
 
 

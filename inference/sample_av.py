@@ -33,6 +33,7 @@ from selfflow.configs.schema import Config, ConfigError
 from selfflow.data.atomic import write_atomic
 from selfflow.data.avio import encode_mp4
 from selfflow.data.decode import parse_size
+from selfflow.inference.offload import parse_max_memory
 from selfflow.inference.pipeline import (
     Generator,
     image_grid,
@@ -64,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", help="HxW (default: the model's spec)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--max-memory", help="spread the weights over devices, e.g. 0=20GiB,cpu=48GiB (accelerate)"
+    )
+    p.add_argument("--offload-dir", type=Path, help="folder for the weights --max-memory leaves out")
     return p.parse_args(argv)
 
 
@@ -124,7 +129,8 @@ def run(args: argparse.Namespace, modalities: tuple[str, ...] = ("video", "audio
         raise PermissionError(f"cannot write to {args.out.parent}")
     device = pick_device(args.device)
     ckpt = resolve_model(args.ckpt)
-    cfg, model = load_snapshot(ckpt, device)
+    budget = parse_max_memory(args.max_memory) if args.max_memory else None
+    cfg, model = load_snapshot(ckpt, device, max_memory=budget, offload_dir=args.offload_dir)
     cfg = clip_spec(cfg, args)
     digest = sha256_file(weights_file(ckpt))
     gen = Generator(cfg, model, device)

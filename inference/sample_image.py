@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from selfflow.configs.schema import ConfigError
+from selfflow.inference.offload import parse_max_memory
 from selfflow.inference.pipeline import Generator, image_grid, load_snapshot, pick_device, save_image
 from selfflow.inference.samplers import SAMPLERS
 
@@ -41,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="of a training checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--max-memory", help="spread the weights over devices, e.g. 0=20GiB,cpu=48GiB (accelerate)"
+    )
+    p.add_argument("--offload-dir", type=Path, help="folder for the weights --max-memory leaves out")
     return p.parse_args(argv)
 
 
@@ -62,7 +67,8 @@ def run(args: argparse.Namespace) -> Path:
     if args.num < 1 or args.steps < 1 or args.batch < 1:
         raise ValueError("--num, --steps and --batch must be >= 1")
     device = pick_device(args.device)
-    cfg, model = load_snapshot(args.ckpt, device, args.weights)
+    budget = parse_max_memory(args.max_memory) if args.max_memory else None
+    cfg, model = load_snapshot(args.ckpt, device, args.weights, budget, args.offload_dir)
     gen = Generator(cfg, model, device)
     jobs = [(p, args.seed + i) for p in prompts for i in range(args.num)]
     images = []

@@ -71,8 +71,8 @@ def export_snapshot(ckpt: str | Path, out: str | Path, dtype: str = "float16", w
     return out
 
 
-def read_snapshot(path: str | Path) -> tuple[Config, dict[str, Tensor], dict[str, Any]]:
-    """(config, float32 weights, snapshot.json) after checking the weights' sha256."""
+def check_snapshot(path: str | Path) -> tuple[Config, dict[str, Any]]:
+    """(config, snapshot.json) once the files are there and the weights match their sha256."""
     path = Path(path)
     info = json.loads((path / INFO).read_text())
     if info.get("format") != FORMAT:
@@ -82,6 +82,11 @@ def read_snapshot(path: str | Path) -> tuple[Config, dict[str, Tensor], dict[str
             raise FileNotFoundError(f"snapshot {path} has no {name}")
     if sha256_file(path / WEIGHTS) != info.get("sha256"):
         raise ValueError(f"{path}: {WEIGHTS} does not match the sha256 in {INFO} (damaged or replaced)")
-    cfg = load_config(path / CONFIG)
-    state = {k: v.float() for k, v in load_file(str(path / WEIGHTS)).items()}
+    return load_config(path / CONFIG), info
+
+
+def read_snapshot(path: str | Path) -> tuple[Config, dict[str, Tensor], dict[str, Any]]:
+    """(config, float32 weights, snapshot.json) after checking the weights' sha256."""
+    cfg, info = check_snapshot(path)
+    state = {k: v.float() for k, v in load_file(str(Path(path) / WEIGHTS)).items()}
     return cfg, state, info

@@ -134,3 +134,36 @@ def test_default_model_draws_images_and_silent_video(tmp_path):
     assert sample_av.main(args, modalities=("video",)) == 0
     with av.open(str(clip)) as box:
         assert len(box.streams.video) == 1 and not box.streams.audio
+
+
+def test_offloaded_weights_sample_the_same_clip(av_ckpt, tmp_path, capsys):
+    """accelerate big-model loading: a memory budget that holds only the input layers puts every block
+    in an offload folder on disk, and the clip is the same as with the whole model in memory."""
+    snap = export_snapshot(av_ckpt, tmp_path / "snap", dtype="float32")
+    _, model = load_snapshot(snap, max_memory={"cpu": "9MB"}, offload_dir=tmp_path / "off")
+    assert {"disk", "cpu"} <= set(model.hf_device_map.values())
+    assert model.hf_device_map["double_blocks"] == "disk" and any((tmp_path / "off").iterdir())
+    outs = []
+    for name, extra in (
+        ("plain", []),
+        ("offload", ["--max-memory", "cpu=9MB", "--offload-dir", str(tmp_path / "o")]),
+    ):
+        out = tmp_path / f"{name}.mp4"
+        assert (
+            sample_av.main(
+                ["--ckpt", str(snap), "--prompt", "x", "--steps", "2", "--quiet", "--out", str(out), *extra]
+            )
+            == 0
+        )
+        outs.append(out.with_suffix(".wav").read_bytes())
+    assert outs[0] == outs[1]
+    for bad in ("cpu=9MB", "0=20GiB,gpu=3GB", "cpu=lots"):
+        budget = ["--max-memory", bad]
+        assert (
+            sample_av.main(["--ckpt", str(snap), "--prompt", "x", "--out", str(tmp_path / "b.mp4"), *budget])
+            == 2
+        )
+    err = capsys.readouterr().err
+    assert "offload folder" in err and "DEVICE=SIZE" in err and not (tmp_path / "b.mp4").exists()
+    with pytest.raises(ValueError, match="not even"):
+        load_snapshot(snap, max_memory={"cpu": "1KB"}, offload_dir=tmp_path / "off2")
