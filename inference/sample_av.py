@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds (default: the model's spec)")
     p.add_argument("--fps", type=float, help="frames per second (default: the model's spec)")
     p.add_argument("--size", help="HxW (default: the model's spec)")
+    p.add_argument("--batch", type=int, default=4, help="clips sampled together")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -120,8 +121,8 @@ def run(args: argparse.Namespace, modalities: tuple[str, ...] = ("video", "audio
     prompts = read_prompts(args)
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {args.sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    if args.steps < 1:
-        raise ValueError("--steps must be >= 1")
+    if args.steps < 1 or args.batch < 1:
+        raise ValueError("--steps and --batch must be >= 1")
     if args.out.suffix != ".mp4":
         raise ValueError(f"--out must end in .mp4, got {args.out}")
     args.out.parent.mkdir(parents=True, exist_ok=True)  # fail before sampling, not after
@@ -134,37 +135,23 @@ def run(args: argparse.Namespace, modalities: tuple[str, ...] = ("video", "audio
     cfg = clip_spec(cfg, args)
     digest = sha256_file(weights_file(ckpt))
     gen = Generator(cfg, model, device)
+    common = {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "shift": args.shift,
+              "model_sha256": digest, "checkpoint": str(ckpt), "duration": cfg.spec.duration,
+              "fps": cfg.spec.fps, "size": [cfg.spec.height, cfg.spec.width],
+              "sample_rate": cfg.spec.sample_rate}  # fmt: skip
     outs = []
-    for i, prompt in enumerate(prompts):
-        seed = args.seed + i
+    for first in range(0, len(prompts), args.batch):  # clip i uses seed + i, whatever the batch
+        chunk = prompts[first : first + args.batch]
+        seeds = [args.seed + first + j for j in range(len(chunk))]
         media = gen.generate(
-            [prompt],
-            [seed],
-            modalities,
-            args.steps,
-            args.sampler,
-            args.cfg,
-            args.shift,
-            progress=not args.quiet,
+            chunk, seeds, modalities, args.steps, args.sampler, args.cfg, args.shift, progress=not args.quiet
         )
-        meta = {
-            "prompt": prompt,
-            "seed": seed,
-            "sampler": args.sampler,
-            "steps": args.steps,
-            "cfg": args.cfg,
-            "shift": args.shift,
-            "model_sha256": digest,
-            "checkpoint": str(ckpt),
-            "duration": cfg.spec.duration,
-            "fps": cfg.spec.fps,
-            "size": [cfg.spec.height, cfg.spec.width],
-            "sample_rate": cfg.spec.sample_rate,
-        }
-        out = args.out if len(prompts) == 1 else args.out.with_name(f"{args.out.stem}_{i:03d}.mp4")
-        audio = media["audio"][0] if "audio" in media else None
-        write_clip(out, media["video"][0], audio, cfg, meta)
-        outs.append(out)
+        for j, (prompt, seed) in enumerate(zip(chunk, seeds, strict=True)):
+            i = first + j
+            out = args.out if len(prompts) == 1 else args.out.with_name(f"{args.out.stem}_{i:03d}.mp4")
+            audio = media["audio"][j] if "audio" in media else None
+            write_clip(out, media["video"][j], audio, cfg, {"prompt": prompt, "seed": seed, **common})
+            outs.append(out)
     return outs
 
 

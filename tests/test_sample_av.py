@@ -123,3 +123,31 @@ def test_an_av_run_draws_its_sample_grid_as_rows_of_frames(av_ckpt):
 
     grid = Image.open(av_ckpt.parent.parent / "samples" / "step_00000002.png")
     assert grid.size == (8 * 34 + 2, 34 + 2)  # 1 clip (sample.num=1): 8 frames of 32 px, 2 px padding
+
+
+def test_the_sampling_benchmark_tool_runs(av_ckpt, capsys):
+    from selfflow.tools import bench_sample
+
+    assert bench_sample.main(["--ckpt", str(av_ckpt), "--steps", "1", "--rounds", "1", "--images", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (
+        result["preset"] == "tiny" and result["seconds_per_av_clip"] > 0 and result["seconds_per_image"] > 0
+    )
+    assert set(result["model_call_ms"]) == {"uncached", "cached"}
+
+
+def test_a_prompt_file_gives_one_clip_per_line_whatever_the_batch(av_ckpt, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a ball\n\nthe digit 3\na drum\n")
+    waves = {}
+    for batch in ("1", "2"):
+        out = tmp_path / f"b{batch}" / "clip.mp4"
+        args = ["--ckpt", str(av_ckpt), "--prompts", str(prompts), "--steps", "2", "--batch", batch]
+        assert _run(*args, "--quiet", "--seed", "5", "--out", str(out)) == 0
+        names = sorted(p.name for p in out.parent.glob("*.mp4"))
+        assert names == ["clip_000.mp4", "clip_001.mp4", "clip_002.mp4"]
+        metas = [json.loads((out.parent / f"clip_{i:03d}.json").read_text()) for i in range(3)]
+        assert [(m["prompt"], m["seed"]) for m in metas] == [("a ball", 5), ("the digit 3", 6), ("a drum", 7)]
+        waves[batch] = [soundfile.read(out.parent / f"clip_{i:03d}.wav")[0] for i in range(3)]
+    for one, two in zip(waves["1"], waves["2"], strict=True):
+        assert abs(one - two).max() < 1e-4
