@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from signal import Signals
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -117,12 +118,35 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_last: int = 3  # complete checkpoints kept
     t_bins: int = 5  # loss per t-bin: equal-width bins of the base level t
+    max_nonfinite: int = 10  # consecutive NaN/Inf steps (skipped, never applied) before the run aborts
+    preempt_signals: list[str] = field(
+        default_factory=lambda: ["SIGTERM"]
+    )  # save at the step boundary, exit 0
 
     def __post_init__(self) -> None:
-        if min(self.max_steps, self.batch_size, self.log_every, self.ckpt_every, self.t_bins) < 1:
-            raise ConfigError("train.max_steps, batch_size, log_every, ckpt_every and t_bins must be >= 1")
+        if (
+            min(
+                self.max_steps,
+                self.batch_size,
+                self.log_every,
+                self.ckpt_every,
+                self.t_bins,
+                self.max_nonfinite,
+            )
+            < 1
+        ):
+            raise ConfigError(
+                "train.max_steps, batch_size, log_every, ckpt_every, t_bins and max_nonfinite must be >= 1"
+            )
         if self.lr <= 0 or not 0.0 <= self.ema_decay < 1.0 or self.teacher_decay >= 1.0:
             raise ConfigError("train.lr must be > 0 and EMA decays in [0, 1)")
+        unknown = [
+            s
+            for s in self.preempt_signals
+            if f"SIG{s.upper().removeprefix('SIG')}" not in Signals.__members__
+        ]
+        if unknown:
+            raise ConfigError(f"train.preempt_signals: unknown signal(s) {unknown} (e.g. SIGTERM, SIGUSR1)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision {self.precision!r} is not one of auto, bf16, fp32")
 

@@ -32,6 +32,7 @@ from selfflow.models.factory import (
 from selfflow.tokenizers.media import MediaTokenizer
 from selfflow.training import checkpoint as ckpt_io
 from selfflow.training.ema import EMA, make_emas, update_all
+from selfflow.training.guards import NonFiniteError, Preemption
 from selfflow.training.objectives import OBJECTIVES, Batch, Models, ObjectiveOutput, make_head
 from selfflow.training.tracking import MetricMeter, RunLogger
 
@@ -58,6 +59,8 @@ class Trainer:
     step: int = 0
     samples_seen: int = 0
     skipped: int = 0  # bad samples the data pipeline has skipped so far
+    nonfinite: int = 0  # steps not applied because the loss or a gradient was NaN / Inf
+    nonfinite_streak: int = 0  # of them, consecutive up to the last step (> 0: the last was one)
     data: DataPipeline | WorkerPipeline | None = None  # set by train(); its position is checkpointed
 
 
@@ -114,7 +117,8 @@ def make_batch(tr: Trainer, media: dict[str, Tensor], captions: list[str]) -> Ba
 
 def train_step(tr: Trainer, batch: Batch) -> ObjectiveOutput:
     """One optimizer step of `cfg.objective` on `batch`, then the EMA update(s). Metrics gain
-    `grad_norm` (before clipping); nothing is synced to the host."""
+    `grad_norm` (before clipping). A NaN / Inf loss or gradient skips the update, the scheduler and the
+    EMAs and counts in `tr.nonfinite` / `tr.nonfinite_streak`: the one host sync of a step."""
     tr.models.student.train()
     with autocast(tr.device, tr.cfg.train.precision):
         out = OBJECTIVES[tr.cfg.objective.name](tr.models, batch, tr.generator, tr.cfg.objective)
@@ -123,9 +127,14 @@ def train_step(tr: Trainer, batch: Batch) -> ObjectiveOutput:
     params = [p for group in tr.optimizer.param_groups for p in group["params"]]
     clip = tr.cfg.train.grad_clip if tr.cfg.train.grad_clip > 0 else math.inf
     out.metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
-    tr.optimizer.step()
-    tr.scheduler.step()
-    update_all((tr.ema, tr.teacher_ema), tr.models.student)
+    if bool(torch.isfinite(out.loss).all() & torch.isfinite(out.metrics["grad_norm"])):
+        tr.optimizer.step()
+        tr.scheduler.step()
+        update_all((tr.ema, tr.teacher_ema), tr.models.student)
+        tr.nonfinite_streak = 0
+    else:
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.nonfinite, tr.nonfinite_streak = tr.nonfinite + 1, tr.nonfinite_streak + 1
     tr.step += 1
     tr.samples_seen += out.loss.shape[0]
     return out
@@ -146,7 +155,7 @@ def save(tr: Trainer, run_dir: Path) -> Path:
         "generator": tr.generator.get_state(),
         "cpu_rng": torch.get_rng_state(),
     }
-    state = {"samples_seen": tr.samples_seen, "ema": tr.ema.meta()}
+    state = {"samples_seen": tr.samples_seen, "ema": tr.ema.meta(), "nonfinite": tr.nonfinite}
     state["data"] = tr.data.state_dict() if tr.data is not None else None
     state["ema_teacher"] = tr.teacher_ema.meta()
     return ckpt_io.save_checkpoint(
@@ -188,6 +197,7 @@ def restore(tr: Trainer, ckpt: Path) -> None:
     tr.generator.set_state(trainer["generator"])
     torch.set_rng_state(trainer["cpu_rng"])
     tr.step, tr.samples_seen = int(state["step"]), int(state["samples_seen"])
+    tr.nonfinite = int(state.get("nonfinite", 0))
     if tr.data is not None and state.get("data"):  # the next batch is the interrupted run's next batch
         tr.data.load_state_dict(state["data"])
 
@@ -212,11 +222,25 @@ def build_data(cfg: Config) -> DataPipeline | WorkerPipeline:
     return WorkerPipeline(kwargs, d.num_workers) if d.num_workers > 0 else DataPipeline(**kwargs)
 
 
-def data_stream(tr: Trainer, data: DataPipeline | WorkerPipeline) -> Iterator[tuple[Batch, list[str]]]:
-    """Endless (batch, captions) from the mixed-task pipeline."""
+def data_stream(
+    tr: Trainer, data: DataPipeline | WorkerPipeline
+) -> Iterator[tuple[Batch, list[str], list[str]]]:
+    """Endless (batch, captions, sample keys) from the mixed-task pipeline."""
     for item in data:
         tr.skipped = data.skipped_count
-        yield make_batch(tr, item.media, item.captions), item.captions
+        yield make_batch(tr, item.media, item.captions), item.captions, item.keys
+
+
+def check_nonfinite(tr: Trainer, out: ObjectiveOutput, keys: list[str], logger: RunLogger) -> None:
+    """After a skipped (non-finite) step: log it with the batch's keys; abort after too many in a row."""
+    loss, norm = out.loss.mean().item(), out.metrics["grad_norm"].item()
+    event = {"event": "nonfinite_step", "loss": str(loss), "grad_norm": str(norm), "keys": keys}
+    logger.log(tr.step, {**event, "streak": tr.nonfinite_streak, "nonfinite_steps": tr.nonfinite})
+    if tr.nonfinite_streak >= tr.cfg.train.max_nonfinite:
+        raise NonFiniteError(
+            f"{tr.nonfinite_streak} consecutive steps with a non-finite loss or gradient (last at step "
+            f"{tr.step}, loss {loss}, grad norm {norm}, batch {keys[:4]}); none of them was applied"
+        )
 
 
 def write_samples(tr: Trainer, gen: Generator, prompts: list[str], task: str, path: Path) -> Path | None:
@@ -237,7 +261,8 @@ def write_samples(tr: Trainer, gen: Generator, prompts: list[str], task: str, pa
 
 
 def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """Train to `train.max_steps`, resuming from the latest complete checkpoint under `run.dir`."""
+    """Train to `train.max_steps`, resuming from the latest complete checkpoint under `run.dir`. A
+    preemption signal (`train.preempt_signals`) saves at the next step boundary and returns."""
     run_dir = Path(cfg.run.dir)
     if not cfg.data.shards:
         raise ConfigError(
@@ -249,38 +274,45 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     if latest is not None:
         restore(tr, latest)
     save_config(cfg, run_dir / "config.yaml")
-    last: dict[str, Any] = {"step": tr.step}
+    summary = {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(latest), "preempted": None}
     if tr.step >= cfg.train.max_steps:
-        return {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(latest), "last": last}
+        return {**summary, "last": {"step": tr.step}}
     logger, meter = RunLogger(run_dir, resume_step=tr.step), MetricMeter(cfg.train.t_bins, tr.device)
     sampler = Generator(cfg, tr.ema.model, tr.device, cfg.train.precision, tr.media, tr.encode_text)
-    stream = data_stream(tr, tr.data)
     bar = tqdm(total=cfg.train.max_steps, initial=tr.step, disable=not progress, desc=cfg.objective.name)
     prompts: list[str] = list(cfg.sample.prompts)
-    saved, grid_task = latest, None
-    for batch, captions in stream:
-        prompts = prompts or sorted(set(captions))
-        grid_task = grid_task or batch.task
-        out = train_step(tr, batch)
-        meter.add(out.metrics, out.levels[:, 0], out.loss_gen, batch.ids.shape[0] + batch.txt.shape[1])
-        bar.update(1)
-        done = tr.step >= cfg.train.max_steps
-        if tr.step % cfg.train.log_every == 0 or done:
-            last = {**meter.flush(), "lr": tr.scheduler.get_last_lr()[0], "samples_seen": tr.samples_seen}
-            last["skipped_samples"] = tr.skipped
-            logger.log(tr.step, last)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", cos=f"{last.get('rep_cos', float('nan')):.3f}")
-        if (cfg.sample.every and tr.step % cfg.sample.every == 0) or done:
-            write_samples(tr, sampler, prompts, grid_task, run_dir / "samples" / f"step_{tr.step:08d}.png")
-        if tr.step % cfg.train.ckpt_every == 0 or done:
-            saved = save(tr, run_dir)
-        if done:
-            break
-    bar.close()
-    logger.close()
-    return {
-        "run_dir": str(run_dir),
-        "step": tr.step,
-        "checkpoint": str(saved),
-        "last": {"step": tr.step, **last},
-    }
+    last, grid_task = {"step": tr.step}, None
+    with Preemption(cfg.train.preempt_signals) as stop, logger, bar:
+        for batch, captions, keys in data_stream(tr, tr.data):
+            prompts = prompts or sorted(set(captions))
+            grid_task = grid_task or batch.task
+            out = train_step(tr, batch)
+            if tr.nonfinite_streak:
+                check_nonfinite(tr, out, keys, logger)
+            else:
+                meter.add(
+                    out.metrics, out.levels[:, 0], out.loss_gen, batch.ids.shape[0] + batch.txt.shape[1]
+                )
+            bar.update(1)
+            done = tr.step >= cfg.train.max_steps
+            if tr.step % cfg.train.log_every == 0 or done:
+                last = meter.flush() if meter.steps else {}  # an interval of skipped steps has no means
+                last |= {"lr": tr.scheduler.get_last_lr()[0], "samples_seen": tr.samples_seen}
+                last |= {"skipped_samples": tr.skipped, "nonfinite_steps": tr.nonfinite}
+                logger.log(tr.step, last)
+                bar.set_postfix(
+                    loss=f"{last.get('loss', math.nan):.4f}", cos=f"{last.get('rep_cos', math.nan):.3f}"
+                )
+            if (cfg.sample.every and tr.step % cfg.sample.every == 0) or done:
+                write_samples(
+                    tr, sampler, prompts, grid_task, run_dir / "samples" / f"step_{tr.step:08d}.png"
+                )
+            if tr.step % cfg.train.ckpt_every == 0 or done or stop.requested:
+                summary["checkpoint"] = str(save(tr, run_dir))
+            if stop.requested:
+                logger.log(tr.step, {"event": "preempted", "signal": stop.requested})
+                summary["preempted"] = stop.requested
+                break
+            if done:
+                break
+    return {**summary, "step": tr.step, "last": {"step": tr.step, **last}}

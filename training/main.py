@@ -7,6 +7,10 @@
 Everything the run writes goes under `run.dir`: config.yaml, metrics.jsonl, tb/ (TensorBoard),
 samples/ (fixed-seed grids) and checkpoints/. Rerunning the same command resumes from the latest
 complete checkpoint. Overrides are dotted keys of `configs/schema.py`; unknown keys are errors.
+
+Exit status: 0 when done or preempted (SIGTERM, or `train.preempt_signals`: the run saves at the next
+step boundary; rerun to resume), 2 for a bad config or missing data, 3 after `train.max_nonfinite`
+consecutive NaN/Inf steps (none of which was applied).
 """
 
 from __future__ import annotations
@@ -34,13 +38,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(config_to_yaml(cfg), end="")
             return 0
+        from selfflow.training.guards import NonFiniteError
         from selfflow.training.loop import train
 
         summary = train(cfg, progress=not args.no_progress)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("run_dir", "step", "checkpoint")}))
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps({k: summary[k] for k in ("run_dir", "step", "checkpoint", "preempted")}))
     return 0
 
 

@@ -92,6 +92,12 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
 
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _tb_name(key: str) -> str:
     if key.startswith("loss_t") and key[6:].isdigit():

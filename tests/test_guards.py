@@ -1,0 +1,163 @@
+"""Failure behaviour of a training run: a NaN / Inf step is never applied (and enough of them in a row
+stop the run), a preemption signal saves at the next step boundary and exits 0 so that a relaunch
+resumes, and a save killed half-way leaves the previous checkpoint loadable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfflow.configs import ConfigError, load_config
+from selfflow.training import checkpoint as ckpt_io
+from selfflow.training.guards import Preemption, signal_number
+from selfflow.training.loop import build_trainer, make_batch, train_step
+from selfflow.training.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(shards: Path, run_dir: Path, *extra: str):
+    base = [f"data.shards={shards}", f"run.dir={run_dir}", "train.batch_size=4", "train.log_every=1",
+            "train.warmup_steps=0", "sample.num=1", "sample.steps=1"]  # fmt: skip
+    return load_config("tiny", [*base, *extra])
+
+
+def _main(shards: Path, run: Path) -> list[str]:
+    """training/main.py on the tiny preset, batch 4, logging every step."""
+    return [sys.executable, "training/main.py", "--config", "tiny", "--no-progress",
+            f"data.shards={shards}", f"run.dir={run}", "train.batch_size=4", "train.log_every=1",
+            "sample.num=1", "sample.steps=1"]  # fmt: skip
+
+
+def _batch(tr, poison: bool):
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    if poison:
+        pixels[1, 0, 3, 3] = float("nan")  # one bad pixel in one sample
+    return make_batch(tr, {"image": pixels}, ["a bag"] * 4)
+
+
+def test_a_nonfinite_step_changes_no_weight_optimizer_or_ema_state(fmnist_shards, tmp_path):
+    tr = build_trainer(_cfg(fmnist_shards, tmp_path, "train.ema_decay=0.5"))
+    train_step(tr, _batch(tr, poison=False))  # the optimizer has state now
+    snap = {
+        "model": {k: v.clone() for k, v in tr.models.student.state_dict().items()},
+        "ema": {k: v.clone() for k, v in tr.ema.weights().items()},
+        "adam": [s["exp_avg"].clone() for s in tr.optimizer.state.values()],
+        "lr_steps": tr.scheduler.last_epoch,
+    }
+    out = train_step(tr, _batch(tr, poison=True))
+    assert not torch.isfinite(out.loss).all()
+    assert (tr.step, tr.nonfinite, tr.nonfinite_streak) == (2, 1, 1)
+    assert all(torch.equal(v, tr.models.student.state_dict()[k]) for k, v in snap["model"].items())
+    assert all(torch.equal(v, tr.ema.weights()[k]) for k, v in snap["ema"].items())
+    assert all(
+        torch.equal(a, s["exp_avg"]) for a, s in zip(snap["adam"], tr.optimizer.state.values(), strict=True)
+    )
+    assert tr.scheduler.last_epoch == snap["lr_steps"]
+    assert all(p.grad is None for p in tr.models.student.parameters())  # nothing carried to the next step
+    train_step(tr, _batch(tr, poison=False))
+    assert (tr.nonfinite, tr.nonfinite_streak) == (1, 0)
+    assert any(not torch.equal(v, tr.models.student.state_dict()[k]) for k, v in snap["model"].items())
+
+
+def test_a_diverging_run_logs_the_bad_batches_and_stops_after_k(fmnist_shards, tmp_path):
+    """Injection by divergence: lr 1e30 makes every step after the first non-finite."""
+    run = tmp_path / "run"
+    cmd = [*_main(fmnist_shards, run), "train.lr=1e30", "train.warmup_steps=0", "train.max_nonfinite=3",
+           "train.max_steps=20"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3 and done.stderr.count("\n") == 1, done.stderr
+    assert "3 consecutive steps with a non-finite loss" in done.stderr
+    events = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "nonfinite_step"]
+    assert [e["streak"] for e in events] == [1, 2, 3] and [e["step"] for e in events] == [2, 3, 4]
+    assert all(len(e["keys"]) == 4 and e["keys"][0].startswith("fmnist_") for e in events)
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "event" not in r]
+    assert all("loss" not in r for r in rows if r["step"] > 1)  # no fake means for skipped steps
+
+
+def test_preemption_signals_are_validated_and_recorded():
+    assert signal_number("term") == signal.SIGTERM and signal_number("SIGUSR1") == signal.SIGUSR1
+    with pytest.raises(ValueError, match="unknown signal"):
+        signal_number("SIGNOPE")
+    with pytest.raises(ConfigError, match="preempt_signals"):
+        load_config("tiny", ["train.preempt_signals=[SIGNOPE]"])
+    before = signal.getsignal(signal.SIGUSR1)
+    with Preemption(["SIGUSR1"]) as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_saves_at_the_step_boundary_and_a_relaunch_resumes(fmnist_shards, tmp_path, sig):
+    run = tmp_path / "run"
+    cmd = [*_main(fmnist_shards, run), "train.ckpt_every=1000", "train.preempt_signals=[SIGTERM,SIGUSR1]"]
+    proc = subprocess.Popen(
+        [*cmd, "train.max_steps=500"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = run / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and len(read_metrics(metrics)) >= 2)
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    stopped = summary["step"]
+    assert summary["preempted"] == sig and 2 <= stopped < 500
+    assert ckpt_io.latest_checkpoint(run / "checkpoints").name == ckpt_io.checkpoint_name(stopped)
+    assert read_metrics(metrics)[-1] == {"step": stopped, "event": "preempted", "signal": sig}
+    again = subprocess.run(
+        [*cmd, f"train.max_steps={stopped + 2}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == stopped + 2
+    state = json.loads((ckpt_io.latest_checkpoint(run / "checkpoints") / "state.json").read_text())
+    assert state["step"] == stopped + 2 and state["samples_seen"] == 4 * (stopped + 2)
+
+
+KILLED_SAVE = """
+import sys, torch
+from selfflow.configs import load_config
+from selfflow.training.checkpoint import save_checkpoint
+root, cfg = sys.argv[1], load_config("tiny")
+save_checkpoint(root, 1, {"model": {"w": torch.ones(4)}}, {}, {}, cfg)
+print("first saved", flush=True)
+big = {f"w{i}": torch.randn(2_000_000) for i in range(64)}  # ~512 MB: a save that takes a while
+save_checkpoint(root, 2, {"model": big}, {}, {}, cfg)
+"""
+
+
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SAVE, str(root)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "first saved"
+    _wait_for(
+        lambda: any(p.name.startswith(".tmp-step_00000002") and any(p.iterdir()) for p in root.iterdir())
+    )
+    proc.kill()  # SIGKILL while step 2 is being written
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    latest = ckpt_io.latest_checkpoint(root)
+    assert latest.name == ckpt_io.checkpoint_name(1)
+    assert torch.equal(ckpt_io.load_weights(latest, "model")["w"], torch.ones(4))
+    assert [p.name for p in ckpt_io.list_checkpoints(root)] == [ckpt_io.checkpoint_name(1)]
+    ckpt_io.save_checkpoint(
+        root, 3, {"model": {"w": torch.zeros(4)}}, {}, {}, load_config("tiny"), keep_last=2
+    )
+    assert not list(root.glob(".tmp-*"))  # the next save clears the half-written one
