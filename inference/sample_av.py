@@ -33,6 +33,7 @@ from selfflow.configs.schema import Config, ConfigError
 from selfflow.data.atomic import write_atomic
 from selfflow.data.avio import encode_mp4
 from selfflow.data.decode import parse_size
+from selfflow.data.shards import sha256_file
 from selfflow.inference.offload import parse_max_memory
 from selfflow.inference.pipeline import (
     Generator,
@@ -44,7 +45,6 @@ from selfflow.inference.pipeline import (
     weights_file,
 )
 from selfflow.inference.samplers import SAMPLERS
-from selfflow.inference.snapshot import sha256_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

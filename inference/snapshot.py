@@ -12,7 +12,6 @@ snapshot in `assets/default/` (see MODEL_CARD.md); the sampling CLIs use it when
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -24,20 +23,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from selfflow.configs.schema import Config, config_to_dict, load_config
+from selfflow.data.shards import sha256_file
 from selfflow.training.checkpoint import load_weights, resolve_checkpoint
 
 WEIGHTS, CONFIG, INFO = "model.safetensors", "config.json", "snapshot.json"
 FORMAT = 1
 DEFAULT_SNAPSHOT = Path(__file__).resolve().parent.parent / "assets" / "default"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_snapshot(path: str | Path) -> bool:

@@ -12,6 +12,7 @@ import av
 import pytest
 import torch
 
+from selfflow.data.shards import sha256_file
 from selfflow.inference import sample_av, sample_image
 from selfflow.inference.pipeline import load_snapshot
 from selfflow.inference.snapshot import (
@@ -21,7 +22,6 @@ from selfflow.inference.snapshot import (
     WEIGHTS,
     export_snapshot,
     read_snapshot,
-    sha256_file,
 )
 from selfflow.tools import export_snapshot as export_cli
 from selfflow.training.checkpoint import load_weights
