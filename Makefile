@@ -15,6 +15,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup sysdeps venv lint format test demo default-model clean
+empty      :=
+space      := $(empty) $(empty)
 comma      := ,
 
 setup: sysdeps venv
@@ -80,10 +82,10 @@ default-model: setup
 	bench text --task text --resolution 32x64 --n 4000 && \
 	bench video --task video --source mixed --resolution 32x32 --fps 12 --duration 3 --n 3000 && \
 	bench av --task av --scene ball --resolution 32x32 --fps 12 --duration 3 --n 4000
-	for s in $(DM_SOURCES); do $(PY) tools/make_shards.py --quiet --input $(DM)/media/$$s \
+	for s in $(DM_SOURCES); do $(PY) tools/make_shards.py --quiet --workers 2 --input $(DM)/media/$$s \
 	  --output $(DM)/shards/$$s --shard-samples 500 || exit 1; done
 	$(PY) training/main.py --config configs/default.yaml run.dir=$(DM)/run train.max_steps=$(DM_STEPS) \
-	  data.shards=$(subst $(eval) ,$(comma),$(addprefix $(DM)/shards/,$(DM_SOURCES)))
+	  data.shards=$(subst $(space),$(comma),$(addprefix $(DM)/shards/,$(DM_SOURCES)))
 	$(PY) tools/export_snapshot.py $(DM)/run --out assets/default
 
 clean:
