@@ -167,3 +167,22 @@ def test_offloaded_weights_sample_the_same_clip(av_ckpt, tmp_path, capsys):
     assert "offload folder" in err and "DEVICE=SIZE" in err and not (tmp_path / "b.mp4").exists()
     with pytest.raises(ValueError, match="not even"):
         load_snapshot(snap, max_memory={"cpu": "1KB"}, offload_dir=tmp_path / "off2")
+
+
+@needs_default
+def test_evaluate_scores_samples_next_to_real_items(tmp_path, capsys):
+    from selfflow.tools import evaluate
+
+    out = tmp_path / "eval.json"
+    args = ["--tasks", "class,text,av", "--n", "3", "--steps", "2", "--out", str(out)]
+    assert evaluate.main(args) == 0
+    report = json.loads(out.read_text())  # strict JSON: metrics without events are null, not NaN
+    tasks = report["tasks"]
+    assert report["preset"] == "default" and set(tasks) == {"class", "text", "av"}
+    assert tasks["text"]["real"]["word_accuracy"] >= 2 / 3 and tasks["text"]["samples"]["n"] == 3
+    real_av = tasks["av"]["real"]
+    assert real_av["sync"]["frac_within_frame"] == 1.0 and real_av["bounce_count_accuracy"] == 1.0
+    assert real_av["temporal"]["ratio"] < 0.6  # real clips are far smoother than their shuffled frames
+    assert tasks["class"]["samples"]["fid"] > 0 and "kid" in tasks["class"]["real"]
+    assert evaluate.main(["--tasks", "class,nope", "--out", str(tmp_path / "bad.json")]) == 2
+    assert "--tasks" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
