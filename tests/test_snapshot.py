@@ -170,7 +170,7 @@ def test_offloaded_weights_sample_the_same_clip(av_ckpt, tmp_path, capsys):
 
 
 @needs_default
-def test_evaluate_scores_samples_next_to_real_items(tmp_path, capsys):
+def test_evaluate_scores_samples_next_to_real_items(fmnist_shards, tmp_path, capsys):
     from selfflow.tools import evaluate
 
     out = tmp_path / "eval.json"
@@ -184,5 +184,11 @@ def test_evaluate_scores_samples_next_to_real_items(tmp_path, capsys):
     assert real_av["sync"]["frac_within_frame"] == 1.0 and real_av["bounce_count_accuracy"] == 1.0
     assert real_av["temporal"]["ratio"] < 0.6  # real clips are far smoother than their shuffled frames
     assert tasks["class"]["samples"]["fid"] > 0 and "kid" in tasks["class"]["real"]
+    extra = ["--tasks", "", "--probe", "20", "--val-shards", str(fmnist_shards), "--val-batches", "1"]
+    assert evaluate.main([*extra, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["tasks"] == {} and set(report["probe"]["levels"]) == {"0.0", "0.25", "0.5"}
+    assert report["probe"]["levels"]["0.0"]["3"]["linear"] > report["probe"]["chance"]
+    assert report["validation"]["tasks"]["image"]["loss"] > 0
     assert evaluate.main(["--tasks", "class,nope", "--out", str(tmp_path / "bad.json")]) == 2
     assert "--tasks" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
