@@ -42,6 +42,18 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return Path(path)
 
 
+def usual_permissions(folder: str | Path) -> Path:
+    """Give a folder made with mkdtemp (0700) and the files in it the permissions a plain mkdir and
+    open would have, before it is published by rename."""
+    folder = Path(folder)
+    mask = _umask()
+    for item in folder.iterdir():
+        if item.is_file():
+            os.chmod(item, 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+    return folder
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

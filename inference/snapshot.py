@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from selfflow.configs.schema import Config, config_to_dict, load_config
+from selfflow.data.atomic import usual_permissions
 from selfflow.data.shards import sha256_file
 from selfflow.training.checkpoint import load_weights, resolve_checkpoint
 
@@ -51,6 +52,7 @@ def export_snapshot(ckpt: str | Path, out: str | Path, dtype: str = "float16", w
         (tmp / CONFIG).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
         info = {"format": FORMAT, "sha256": sha256_file(tmp / WEIGHTS), "dtype": dtype, "step": step}
         (tmp / INFO).write_text(json.dumps({**info, "source": f"{ckpt.name} ({weights})"}, indent=2) + "\n")
+        usual_permissions(tmp)
         old = out.with_name(f".old-{out.name}")  # replace a previous export only once this one is whole
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():

@@ -4,6 +4,8 @@ weights; and the default model that ships in assets/default/, used by every CLI 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_export_holds_the_ema_weights_config_and_digest(av_ckpt, tmp_path):
     out = export_snapshot(av_ckpt, tmp_path / "snap", dtype="float32")
     assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS, CONFIG, INFO])
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in out.iterdir())
     info = json.loads((out / INFO).read_text())
     assert info["sha256"] == sha256_file(out / WEIGHTS) and info["step"] == 2 and info["dtype"] == "float32"
     cfg, state, _ = read_snapshot(out)

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from selfflow.configs.schema import Config, save_config
-from selfflow.data.atomic import write_atomic
+from selfflow.data.atomic import usual_permissions, write_atomic
 
 PREFIX = "step_"
 LATEST = "latest"
@@ -68,6 +68,7 @@ def save_checkpoint(
         torch.save(trainer, tmp / "trainer.pt")
         save_config(cfg, tmp / "config.yaml")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        usual_permissions(tmp)
         if final.exists():  # a rerun of the same step replaces the old copy
             shutil.rmtree(final)
         os.replace(tmp, final)
