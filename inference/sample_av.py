@@ -34,54 +34,22 @@ from selfflow.data.atomic import write_atomic
 from selfflow.data.avio import encode_mp4
 from selfflow.data.decode import parse_size
 from selfflow.data.shards import sha256_file
-from selfflow.inference.offload import parse_max_memory
-from selfflow.inference.pipeline import (
-    Generator,
-    image_grid,
-    load_snapshot,
-    pick_device,
-    resolve_model,
-    to_uint8,
-    weights_file,
-)
-from selfflow.inference.samplers import SAMPLERS
+from selfflow.inference.cli import add_sampling_args, check_sampling, load_model, read_prompts
+from selfflow.inference.pipeline import Generator, image_grid, to_uint8, weights_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--ckpt", help="snapshot, run dir, checkpoints/ dir or one checkpoint (default: the shipped model)"
-    )
-    p.add_argument("--prompt", help="one prompt")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
     p.add_argument("--out", type=Path, default=Path("clip.mp4"))
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLERS)}")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--shift", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
     p.add_argument("--duration", type=float, help="seconds (default: the model's spec)")
     p.add_argument("--fps", type=float, help="frames per second (default: the model's spec)")
     p.add_argument("--size", help="HxW (default: the model's spec)")
     p.add_argument("--batch", type=int, default=4, help="clips sampled together")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--max-memory", help="spread the weights over devices, e.g. 0=20GiB,cpu=48GiB (accelerate)"
-    )
-    p.add_argument("--offload-dir", type=Path, help="folder for the weights --max-memory leaves out")
+    add_sampling_args(p)
     return p.parse_args(argv)
-
-
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = [args.prompt] if args.prompt is not None else []
-    if args.prompts is not None:
-        if not args.prompts.is_file():
-            raise FileNotFoundError(f"prompt file not found: {args.prompts}")
-        prompts += [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
-    if not prompts or any(not p.strip() for p in prompts):
-        raise ValueError("give a non-empty --prompt or a --prompts file")
-    return prompts
 
 
 def clip_spec(cfg: Config, args: argparse.Namespace) -> Config:
@@ -118,20 +86,14 @@ def write_clip(out: Path, video: torch.Tensor, audio: torch.Tensor | None, cfg: 
 
 
 def run(args: argparse.Namespace, modalities: tuple[str, ...] = ("video", "audio")) -> list[Path]:
-    prompts = read_prompts(args)
-    if args.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {args.sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    if args.steps < 1 or args.batch < 1:
-        raise ValueError("--steps and --batch must be >= 1")
+    prompts = read_prompts(args.prompt, args.prompts)
+    check_sampling(args)
     if args.out.suffix != ".mp4":
         raise ValueError(f"--out must end in .mp4, got {args.out}")
     args.out.parent.mkdir(parents=True, exist_ok=True)  # fail before sampling, not after
     if not os.access(args.out.parent, os.W_OK):
         raise PermissionError(f"cannot write to {args.out.parent}")
-    device = pick_device(args.device)
-    ckpt = resolve_model(args.ckpt)
-    budget = parse_max_memory(args.max_memory) if args.max_memory else None
-    cfg, model = load_snapshot(ckpt, device, max_memory=budget, offload_dir=args.offload_dir)
+    ckpt, cfg, model, device = load_model(args)
     cfg = clip_spec(cfg, args)
     digest = sha256_file(weights_file(ckpt))
     gen = Generator(cfg, model, device)

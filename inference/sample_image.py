@@ -19,56 +19,29 @@ from pathlib import Path
 import torch
 
 from selfflow.configs.schema import ConfigError
-from selfflow.inference.offload import parse_max_memory
-from selfflow.inference.pipeline import Generator, image_grid, load_snapshot, pick_device, save_image
-from selfflow.inference.samplers import SAMPLERS
+from selfflow.inference.cli import add_sampling_args, check_sampling, load_model, read_prompts
+from selfflow.inference.pipeline import Generator, image_grid, save_image
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--ckpt", help="snapshot, run dir, checkpoints/ dir or one checkpoint (default: the shipped model)"
-    )
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
     p.add_argument("--out", type=Path, default=Path("samples.png"))
     p.add_argument("--num", type=int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLERS)}")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--shift", type=float, default=1.0, help="timestep shift of the schedule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16, help="images per forward batch")
-    p.add_argument("--device", default="auto")
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="of a training checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--max-memory", help="spread the weights over devices, e.g. 0=20GiB,cpu=48GiB (accelerate)"
-    )
-    p.add_argument("--offload-dir", type=Path, help="folder for the weights --max-memory leaves out")
+    add_sampling_args(p)
     return p.parse_args(argv)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt)
-    if args.prompts is not None:
-        if not args.prompts.is_file():
-            raise FileNotFoundError(f"prompt file not found: {args.prompts}")
-        prompts += [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
-    if not prompts or any(not p.strip() for p in prompts):
-        raise ValueError("give at least one non-empty prompt (--prompt or --prompts)")
-    return prompts
-
-
 def run(args: argparse.Namespace) -> Path:
-    prompts = read_prompts(args)
-    if args.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {args.sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    if args.num < 1 or args.steps < 1 or args.batch < 1:
-        raise ValueError("--num, --steps and --batch must be >= 1")
-    device = pick_device(args.device)
-    budget = parse_max_memory(args.max_memory) if args.max_memory else None
-    cfg, model = load_snapshot(args.ckpt, device, args.weights, budget, args.offload_dir)
+    prompts = read_prompts(args.prompt, args.prompts)
+    check_sampling(args)
+    if args.num < 1:
+        raise ValueError("--num must be >= 1")
+    _, cfg, model, device = load_model(args, args.weights)
     gen = Generator(cfg, model, device)
     jobs = [(p, args.seed + i) for p in prompts for i in range(args.num)]
     images = []
