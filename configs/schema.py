@@ -43,6 +43,9 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     attn_backend: str = "sdpa"  # sdpa | auto | flash | xformers
     grad_checkpointing: bool = False
+    # velocity: the output layer predicts eps - x0 (the paper). data: it predicts x0 and the model returns
+    # the implied velocity (JiT); needed when tokens hold more values than hidden_size (pixel space).
+    prediction: str = "velocity"
 
 
 @dataclass
@@ -67,6 +70,14 @@ class CodecConfig:
     image: str = "identity"
     video: str = "identity"
     audio: str = "identity"
+    # {modality: gain} applied to the codec's output (tokens = gain * latents), so the data is not
+    # drowned by unit-variance noise at every level: raw waveforms of sparse sounds have std ~0.03.
+    scales: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = {m: s for m, s in self.scales.items() if m not in ("image", "video", "audio") or not s > 0}
+        if bad:
+            raise ConfigError(f"codecs.scales {bad}: keys must be image/video/audio, values > 0")
 
 
 def _default_timesteps() -> dict[str, TimestepDist]:

@@ -69,10 +69,11 @@ def build_text_conditioner(text: TextConfig, device: str | torch.device = "cpu")
 
 
 def build_media_tokenizer(cfg: Config, device: str | torch.device = "cpu") -> MediaTokenizer:
-    """Codecs (identity or local diffusers autoencoders, moved to `device`) + patchifiers of the spec."""
+    """Codecs (identity or local diffusers autoencoders, moved to `device`), their gains
+    (`codecs.scales`) and the patchifiers of the spec."""
     codecs = {}
     for m in MODALITIES:
         source = getattr(cfg.codecs, m)
         if source != "identity":
             codecs[m] = build_codec(source, m, cfg.spec).to(device)
-    return MediaTokenizer(cfg.spec, codecs)
+    return MediaTokenizer(cfg.spec, codecs, cfg.codecs.scales)

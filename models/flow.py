@@ -46,6 +46,16 @@ def predict_data(x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
     return x_t - expand_time(t, x_t) * velocity
 
 
+def velocity_from_data(x_t: Tensor, x0: Tensor, t: Tensor, t_min: float = 0.05) -> Tensor:
+    """Velocity implied by a data prediction: v = (x_t - x0) / t, with t clamped to t_min.
+
+    x-prediction (JiT, Li & He 2025, Eq. 6): a network that outputs x0 and is trained with the velocity
+    loss, ||v_hat - v||^2 = ||x0_hat - x0||^2 / t^2. Unlike v-prediction it still learns when a token
+    holds more values than the hidden size, because x0 is low-dimensional and the noise is not.
+    """
+    return (x_t - x0) / expand_time(t, x_t).clamp_min(t_min)
+
+
 def predict_noise(x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
     """eps estimate from a velocity prediction: eps = x_t + (1 - t) v."""
     return x_t + (1.0 - expand_time(t, x_t)) * velocity

@@ -19,9 +19,11 @@ from torch.utils.checkpoint import checkpoint
 
 from selfflow.models.attention import check_backend
 from selfflow.models.blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock
+from selfflow.models.flow import velocity_from_data
 from selfflow.models.layers import EmbedND, Modulation, TimestepEmbedder, distinct_levels
 
 N_AXES = 4  # rotary axes (t, h, w, l); see selfflow.tokenizers.spec
+PREDICTIONS = ("velocity", "data")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class MMDiTParams:
     rope_theta: float = 10_000.0
     attn_backend: str = "sdpa"
     grad_checkpointing: bool = False
+    prediction: str = "velocity"  # what the output layer predicts: velocity | data (returned as velocity)
 
     @property
     def depth(self) -> int:
@@ -130,7 +133,10 @@ class MMDiT(nn.Module):
         img, hidden = self._run_blocks(img, c.txt, vec, index, c.pe, c.mask, return_hidden, stop_after)
         if stop_after is not None:
             return MMDiTOutput(None, hidden)
-        return MMDiTOutput(self.final(img, vec[:, 1:], index, lengths), hidden)
+        out = self.final(img, vec[:, 1:], index, lengths)
+        if self.params.prediction == "data":
+            out = _data_to_velocity(media, out, levels, index)
+        return MMDiTOutput(out, hidden)
 
     def condition(
         self,
@@ -240,6 +246,21 @@ def _validate(p: MMDiTParams) -> None:
     if p.mlp_ratio <= 0:
         raise ValueError(f"mlp_ratio must be > 0, got {p.mlp_ratio}")
     check_backend(p.attn_backend)
+    if p.prediction not in PREDICTIONS:
+        raise ValueError(f"prediction {p.prediction!r} is not one of {PREDICTIONS}")
+
+
+def _data_to_velocity(
+    x_t: dict[str, Tensor],  # modality -> noisy tokens [B, L_m, C_m]
+    x0: dict[str, Tensor],  # modality -> predicted clean tokens [B, L_m, C_m]
+    levels: Tensor,  # [B, K]
+    index: Tensor | None,  # [B, L] or None when K == 1
+) -> dict[str, Tensor]:
+    """The velocity each token's data prediction implies at its own level (flow.velocity_from_data)."""
+    if index is None:
+        return {m: velocity_from_data(x_t[m], x0[m], levels[:, 0]) for m in x0}
+    per_token = levels.gather(1, index).split([x.shape[1] for x in x0.values()], dim=1)  # [B, L_m] each
+    return {m: velocity_from_data(x_t[m], x0[m], t) for (m, t) in zip(x0, per_token, strict=True)}
 
 
 def _check_taps(return_hidden: Sequence[int], stop_after: int | None, depth: int) -> None:

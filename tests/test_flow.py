@@ -44,6 +44,17 @@ def test_data_and_noise_predictions_invert_the_interpolant():
     torch.testing.assert_close(flow.predict_noise(x_t, v, t), eps, atol=1e-5, rtol=1e-5)
 
 
+def test_velocity_from_a_data_prediction():
+    x0, eps, t = torch.randn(4, 7, 2), torch.randn(4, 7, 2), torch.tensor([0.9, 0.5, 0.1, 0.01])
+    x_t = flow.interpolate(x0, eps, t)
+    v = flow.velocity_from_data(x_t, x0, t)
+    # exact above t_min: the true x0 gives the true velocity, and predict_data inverts it
+    torch.testing.assert_close(v[:3], flow.velocity_target(x0, eps)[:3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flow.predict_data(x_t, v, t)[:3], x0[:3], atol=1e-5, rtol=1e-5)
+    # below t_min the division is by t_min, so the velocity stays bounded
+    torch.testing.assert_close(v[3], (x_t[3] - x0[3]) / 0.05)
+
+
 def test_cleaner_level_is_the_smaller():
     t, s = torch.tensor([0.9, 0.1, 0.5]), torch.tensor([0.2, 0.8, 0.5])
     assert torch.equal(flow.cleaner_level(t, s), torch.tensor([0.2, 0.1, 0.5]))

@@ -187,6 +187,7 @@ def test_text_from_a_frozen_encoder_feeds_the_text_stream(tiny_cfg):
         ({"txt_feature_dim": 16}, "exactly one"),
         ({"media_channels": {}}, "media_channels"),
         ({"attn_backend": "nope"}, "unknown attention backend"),
+        ({"prediction": "eps"}, "prediction"),
     ],
 )
 def test_invalid_params_raise(tiny_cfg, change, message):
@@ -257,3 +258,26 @@ def test_precomputed_condition_gives_the_same_velocity(tiny_cfg):
             assert all(torch.equal(cached[m], direct[m]) for m in media)
     with pytest.raises(ValueError, match="precomputed cond"):
         model(media, ids, torch.rand(2), None)
+
+
+def test_data_prediction_returns_the_velocity_its_output_implies(tiny_cfg):
+    """prediction=data: the output layer gives x0 and forward returns (x_t - x0) / t per token, with
+    each token's own level (JiT); the same weights with prediction=velocity return that x0 raw."""
+    params = model_params(tiny_cfg)
+    raw = randomize(MMDiT(params)).eval()
+    data = MMDiT(replace(params, prediction="data")).eval()
+    data.load_state_dict(raw.state_dict())
+    media, ids, txt = joint_batch(tiny_cfg)
+    n = sum(x.shape[1] for x in media.values())
+    levels = torch.tensor([[0.9, 0.2], [0.1, 0.6]])
+    index = (torch.rand(2, n, generator=torch.Generator().manual_seed(1)) < 0.3).long()
+    per_token = levels.gather(1, index).split([x.shape[1] for x in media.values()], dim=1)
+    for t, kw, tok_t in [
+        (torch.tensor([0.3, 0.8]), {}, [torch.tensor([0.3, 0.8])[:, None]] * 2),
+        (levels, {"t_index": index, "txt_t": levels[:, 0]}, per_token),
+    ]:
+        x0 = raw(media, ids, t, txt, **kw).velocity
+        v = data(media, ids, t, txt, **kw).velocity
+        for (m, x), tt in zip(media.items(), tok_t, strict=True):
+            want = (x - x0[m]) / tt.expand(2, x.shape[1])[..., None]
+            torch.testing.assert_close(v[m], want, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from selfflow.configs.schema import ConfigError, load_config
 from selfflow.tokenizers.audio import AudioPatchifier
 from selfflow.tokenizers.image import ImagePatchifier
 from selfflow.tokenizers.media import MediaTokenizer
@@ -159,6 +160,23 @@ def test_identity_round_trip_single_modality(modality: str, shape: tuple[int, ..
     assert list(out) == [modality]
     assert out[modality].shape == x.shape
     assert torch.equal(out[modality], x)
+
+
+def test_codec_gain_scales_tokens_and_round_trips() -> None:
+    x = {"video": randn(2, 3, 8, 16, 24), "audio": randn(2, 2, 8000) * 0.03}
+    plain, scaled = MediaTokenizer(SMALL), MediaTokenizer(SMALL, scales={"audio": 8.0})
+    a, b = plain.encode(x)[0], scaled.encode(x)[0]
+    assert torch.equal(b["video"], a["video"])
+    torch.testing.assert_close(b["audio"], 8.0 * a["audio"])
+    out = scaled.decode(b)
+    assert torch.equal(out["video"], x["video"])
+    torch.testing.assert_close(out["audio"], x["audio"])
+
+
+@pytest.mark.parametrize("scales", [{"speech": 2.0}, {"audio": 0.0}])
+def test_bad_codec_gains_rejected(scales: dict) -> None:
+    with pytest.raises(ConfigError, match="codecs.scales"):
+        load_config("tiny", [f"codecs.scales={scales}"])
 
 
 def test_identity_round_trip_default_spec_joint() -> None:

@@ -22,8 +22,12 @@ Patchifier = ImagePatchifier | VideoPatchifier | AudioPatchifier
 class MediaTokenizer:
     """Codecs + patchifiers for every modality of one clip spec."""
 
-    def __init__(self, spec: ClipSpec, codecs: dict[str, Codec] | None = None) -> None:
+    def __init__(
+        self, spec: ClipSpec, codecs: dict[str, Codec] | None = None, scales: dict[str, float] | None = None
+    ) -> None:
+        """`scales`: {modality: gain}; tokens are gain * latents (1 where missing)."""
         self.spec = spec
+        self.scales = {m: float((scales or {}).get(m, 1.0)) for m in MODALITIES}
         self.patchifiers: dict[str, Patchifier] = {
             "image": ImagePatchifier(spec),
             "video": VideoPatchifier(spec),
@@ -51,9 +55,15 @@ class MediaTokenizer:
 
     def encode(self, media: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """{modality: media} -> ({modality: tokens [B, L_m, C_m]}, ids [L, 4])."""
-        tokens = {m: self.patchifiers[m].patchify(self.codec(m).encode(x)) for m, x in media.items()}
+        tokens = {
+            m: self.patchifiers[m].patchify(self.codec(m).encode(x) * self.scales[m])
+            for m, x in media.items()
+        }
         return tokens, self.position_ids(list(media))
 
     def decode(self, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
         """{modality: tokens} -> {modality: media}."""
-        return {m: self.codec(m).decode(self.patchifiers[m].unpatchify(z)) for m, z in tokens.items()}
+        return {
+            m: self.codec(m).decode(self.patchifiers[m].unpatchify(z) / self.scales[m])
+            for m, z in tokens.items()
+        }
