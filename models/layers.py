@@ -4,7 +4,7 @@ adaLN modulation with per-token levels."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +112,7 @@ def gather_levels(per_level: Tensor, index: Tensor | None) -> Tensor:
     return torch.gather(per_level, 1, index.unsqueeze(-1).expand(-1, -1, per_level.shape[-1]))
 
 
-@dataclass
-class ModulationOut:
+class ModulationOut(NamedTuple):  # a tuple, so DeepSpeed ZeRO-3's backward hooks see its tensors
     shift: Tensor  # [B, L or 1, D]
     scale: Tensor
     gate: Tensor

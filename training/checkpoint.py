@@ -10,10 +10,14 @@
         trainer.pt              optimizer, scheduler and RNG states (loaded with weights_only=True)
         state.json              step, samples seen, EMA counters, ...
         config.yaml             the resolved config
+        rank_00001.pt / .json   with several processes: each rank's RNG states (and its optimizer shard
+                                under ZeRO) / data position and counters
 
 A checkpoint is complete when its directory exists under its final name: it is written into a hidden
 temporary directory first and renamed in one step, so a crash mid-save leaves only a `.tmp-*` folder
-that loading ignores. Weights are safetensors and state JSON: loading unpickles nothing.
+that loading ignores. Weights are safetensors and state JSON: loading unpickles nothing. With several
+processes every rank writes its own files into one temporary directory; rank 0 publishes it by rename
+and writes `latest` after all ranks are done (`save_checkpoint_ranks`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +68,7 @@ def save_checkpoint(
     final = root / checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
     try:
-        for name, tensors in weights.items():
-            save_file(_tensors(tensors), str(tmp / f"{name}.safetensors"))
-        torch.save(trainer, tmp / "trainer.pt")
-        save_config(cfg, tmp / "config.yaml")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        _write_main(tmp, weights, trainer, {**state, "step": step}, cfg)
         usual_permissions(tmp)
         if final.exists():  # a rerun of the same step replaces the old copy
             shutil.rmtree(final)
@@ -78,6 +79,64 @@ def save_checkpoint(
     write_atomic(root / LATEST, final.name + "\n")
     if keep_last > 0:
         prune(root, keep_last, protect=final)
+    return final
+
+
+def _write_main(
+    tmp: Path,
+    weights: dict[str, dict[str, Tensor]],
+    trainer: dict[str, Any],
+    state: dict[str, Any],
+    cfg: Config,
+) -> None:
+    for name, tensors in weights.items():
+        save_file(_tensors(tensors), str(tmp / f"{name}.safetensors"))
+    torch.save(trainer, tmp / "trainer.pt")
+    save_config(cfg, tmp / "config.yaml")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def rank_files(ckpt: str | Path, rank: int) -> tuple[Path, Path]:
+    """(tensors loaded with weights_only=True, JSON) that rank `rank` wrote into a checkpoint."""
+    stem = Path(ckpt) / f"rank_{rank:05d}"
+    return stem.with_suffix(".pt"), stem.with_suffix(".json")
+
+
+def save_checkpoint_ranks(
+    root: str | Path,
+    step: int,
+    rank: int,
+    barrier: Callable[[], None],
+    main: tuple[dict[str, dict[str, Tensor]], dict[str, Any], dict[str, Any], Config] | None,
+    mine: tuple[dict[str, Any], dict[str, Any]],
+    keep_last: int = 0,
+) -> Path:
+    """Every rank calls this with its own `mine` = (tensors, JSON-able state); rank 0 also passes `main` =
+    (weights, trainer, state, cfg) as for `save_checkpoint`. All ranks write into one agreed temporary
+    directory; after a barrier rank 0 renames it into place and then writes `latest`."""
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash of an earlier attempt at this step
+        tmp.mkdir(parents=True)
+    barrier()
+    tensors_path, json_path = rank_files(tmp, rank)
+    torch.save(mine[0], tensors_path)
+    json_path.write_text(json.dumps(mine[1], indent=2))
+    if main is not None:
+        weights, trainer, state, cfg = main
+        _write_main(tmp, weights, trainer, {**state, "step": step}, cfg)
+    barrier()
+    if rank == 0:
+        usual_permissions(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_atomic(root / LATEST, final.name + "\n")
+        if keep_last > 0:
+            prune(root, keep_last, protect=final)
+    barrier()
     return final
 
 
@@ -141,3 +200,12 @@ def load_state(ckpt: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     state = json.loads((ckpt / "state.json").read_text())
     trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
     return state, trainer
+
+
+def load_rank(ckpt: str | Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(JSON state, tensors) that rank `rank` saved; FileNotFoundError when that rank wrote nothing."""
+    tensors_path, json_path = rank_files(ckpt, rank)
+    if not (tensors_path.is_file() and json_path.is_file()):
+        raise FileNotFoundError(f"checkpoint {ckpt} has no files of rank {rank}")
+    state = json.loads(json_path.read_text())
+    return state, torch.load(tensors_path, map_location="cpu", weights_only=True)

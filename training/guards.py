@@ -7,8 +7,8 @@ next step boundary, and the non-finite guard that refuses to apply a NaN / Inf s
             if stop.requested:        # a signal arrived during the step: save, then exit 0
                 break
 
-Both decisions are made on the host once per step. With several processes, every rank must reach the
-same decision (the launcher reduces the flags before acting on them).
+Both decisions are made on the host once per step. With several processes every rank reaches the same
+decision: the training loop all-reduces both flags with MAX before acting (`distributed.any_rank`).
 """
 
 from __future__ import annotations

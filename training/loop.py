@@ -1,5 +1,7 @@
-"""The single-process training loop: `train(cfg)` reads shards, steps the objective, keeps the EMA(s),
-logs, writes sample grids and checkpoints, and resumes from `<run.dir>/checkpoints/` when it can.
+"""The training loop: `train(cfg)` reads shards, steps the objective, keeps the EMA(s), logs, writes
+sample grids and checkpoints, and resumes from `<run.dir>/checkpoints/` when it can. It runs as one
+process, or as each rank of several under torchrun / the deepspeed launcher (training/distributed.py;
+checkpoints in training/saving.py); a single process takes none of the multi-process paths.
 
     trainer = build_trainer(cfg)          # model, projector, EMA(s), AdamW, RNG, tokenizers
     out = train_step(trainer, batch)      # one optimizer step + EMA update; metrics stay on device
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from selfflow.configs.schema import Config, ConfigError, load_config, save_config
+from selfflow.configs.schema import Config, ConfigError, save_config
 from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, WorkerPipeline
 from selfflow.inference.pipeline import Generator, autocast, image_grid, pick_device, save_image
 from selfflow.models.factory import (
@@ -31,15 +33,16 @@ from selfflow.models.factory import (
 )
 from selfflow.tokenizers.media import MediaTokenizer
 from selfflow.training import checkpoint as ckpt_io
+from selfflow.training import distributed as dist_io
+from selfflow.training.distributed import SINGLE, Dist, any_rank, full_parameters
 from selfflow.training.ema import EMA, make_emas, update_all
 from selfflow.training.guards import NonFiniteError, Preemption
 from selfflow.training.objectives import OBJECTIVES, Batch, Models, ObjectiveOutput, make_head
+from selfflow.training.saving import restore, save
 from selfflow.training.tracking import MetricMeter, RunLogger
 
 TEACHER_OBJECTIVES = ("self_flow", "sra")
 TASK_OF = {tuple(sorted(mods)): task for task, mods in TASK_MODALITIES.items()}  # modalities -> task
-# Sections a checkpoint must agree on with the command that resumes it.
-FROZEN_SECTIONS = ("model", "spec", "text", "codecs")
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Trainer:
     nonfinite: int = 0  # steps not applied because the loss or a gradient was NaN / Inf
     nonfinite_streak: int = 0  # of them, consecutive up to the last step (> 0: the last was one)
     data: DataPipeline | WorkerPipeline | None = None  # set by train(); its position is checkpointed
+    dist: Dist = SINGLE  # this process's rank among `world` (training/distributed.py)
+    engine: Any = None  # the DeepSpeed engine over student + head (dist.engine=deepspeed)
 
 
 def _repa_encoder(cfg: Config, media: MediaTokenizer, device: torch.device) -> Any:
@@ -73,8 +78,9 @@ def _repa_encoder(cfg: Config, media: MediaTokenizer, device: torch.device) -> A
     return build_encoder(cfg.objective.repa_encoder, media, resolution).to(device)
 
 
-def build_trainer(cfg: Config, device: str | torch.device | None = None) -> Trainer:
-    """Model (seeded by cfg.seed), projector head, EMA(s), AdamW + warm-up, RNG and tokenizers."""
+def build_trainer(cfg: Config, device: str | torch.device | None = None, dist: Dist = SINGLE) -> Trainer:
+    """Model (seeded by cfg.seed, the same on every rank), projector head, EMA(s), AdamW + warm-up, the
+    objective's RNG (seeded per rank) and tokenizers; under dist.engine=deepspeed, the engine."""
     device = pick_device(cfg.train.device) if device is None else torch.device(device)
     torch.manual_seed(cfg.seed)
     media = build_media_tokenizer(cfg, device)
@@ -93,7 +99,8 @@ def build_trainer(cfg: Config, device: str | torch.device | None = None) -> Trai
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
     )
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1_000_003 * dist.rank)
+    engine = dist_io.make_engine(cfg, dist, student, head, optimizer) if dist.deepspeed else None
     return Trainer(
         cfg=cfg,
         device=device,
@@ -105,6 +112,8 @@ def build_trainer(cfg: Config, device: str | torch.device | None = None) -> Trai
         generator=generator,
         media=media,
         encode_text=build_text_conditioner(cfg.text, device),
+        dist=dist,
+        engine=engine,
     )
 
 
@@ -115,103 +124,74 @@ def make_batch(tr: Trainer, media: dict[str, Tensor], captions: list[str]) -> Ba
     return Batch(tokens, ids.to(tr.device), txt, mask, task=TASK_OF[tuple(sorted(media))])
 
 
-def train_step(tr: Trainer, batch: Batch) -> ObjectiveOutput:
-    """One optimizer step of `cfg.objective` on `batch`, then the EMA update(s). Metrics gain
-    `grad_norm` (before clipping). A NaN / Inf loss or gradient skips the update, the scheduler and the
-    EMAs and counts in `tr.nonfinite` / `tr.nonfinite_streak`: the one host sync of a step."""
-    tr.models.student.train()
-    with autocast(tr.device, tr.cfg.train.precision):
-        out = OBJECTIVES[tr.cfg.objective.name](tr.models, batch, tr.generator, tr.cfg.objective)
+def _local_update(tr: Trainer, out: ObjectiveOutput) -> bool:
+    """Backward, (across ranks: average the gradients), clip; step unless any rank saw a NaN / Inf."""
     tr.optimizer.zero_grad(set_to_none=True)
     out.loss.mean().backward()
     params = [p for group in tr.optimizer.param_groups for p in group["params"]]
+    if tr.dist.multi:
+        dist_io.average_gradients(params, tr.dist.world)
     clip = tr.cfg.train.grad_clip if tr.cfg.train.grad_clip > 0 else math.inf
     out.metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
-    if bool(torch.isfinite(out.loss).all() & torch.isfinite(out.metrics["grad_norm"])):
-        tr.optimizer.step()
+    finite = torch.isfinite(out.loss).all() & torch.isfinite(out.metrics["grad_norm"])
+    if any_rank(tr.dist, ~finite, tr.device):
+        return False
+    tr.optimizer.step()
+    return True
+
+
+def _engine_update(tr: Trainer, out: ObjectiveOutput) -> bool:
+    """DeepSpeed: no backward at all when any rank's loss is NaN / Inf (all ranks skip together); else
+    the engine's backward, clip and step. A non-finite global grad norm there is an overflow the engine
+    itself does not apply; it is not applied to the EMA either."""
+    if any_rank(tr.dist, ~torch.isfinite(out.loss).all(), tr.device):
+        out.metrics["grad_norm"] = torch.full((), math.nan, device=tr.device)
+        return False
+    norm = dist_io.engine_backward_step(tr.engine, out.loss.mean()).to(tr.device)
+    out.metrics["grad_norm"] = norm
+    return bool(torch.isfinite(norm))
+
+
+def train_step(tr: Trainer, batch: Batch) -> ObjectiveOutput:
+    """One optimizer step of `cfg.objective` on `batch`, then the EMA update(s). Metrics gain
+    `grad_norm` (before clipping). A NaN / Inf loss or gradient (on any rank) skips the update, the
+    scheduler and the EMAs and counts in `tr.nonfinite` / `tr.nonfinite_streak`: the one host sync of a
+    step (with several processes, one all-reduce)."""
+    tr.models.student.train()
+    run = OBJECTIVES[tr.cfg.objective.name]
+    with autocast(tr.device, tr.cfg.train.precision):
+        if tr.engine is not None:  # through the engine, whose hooks gather ZeRO-3 parameters
+            out = tr.engine(run, tr.models, batch, tr.generator, tr.cfg.objective)
+        else:
+            out = run(tr.models, batch, tr.generator, tr.cfg.objective)
+    applied = _engine_update(tr, out) if tr.engine is not None else _local_update(tr, out)
+    if applied:
         tr.scheduler.step()
-        update_all((tr.ema, tr.teacher_ema), tr.models.student)
+        with full_parameters(tr.engine, tr.models.student):
+            update_all((tr.ema, tr.teacher_ema), tr.models.student)
         tr.nonfinite_streak = 0
     else:
-        tr.optimizer.zero_grad(set_to_none=True)
+        if tr.engine is None:
+            tr.optimizer.zero_grad(set_to_none=True)
         tr.nonfinite, tr.nonfinite_streak = tr.nonfinite + 1, tr.nonfinite_streak + 1
     tr.step += 1
     tr.samples_seen += out.loss.shape[0]
     return out
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def save(tr: Trainer, run_dir: Path) -> Path:
-    weights = {"model": tr.models.student.state_dict(), "ema": tr.ema.weights()}
-    if tr.teacher_ema is not tr.ema:
-        weights["ema_teacher"] = tr.teacher_ema.weights()
-    if tr.models.head is not None:
-        weights["head"] = tr.models.head.state_dict()
-    trainer = {
-        "optimizer": tr.optimizer.state_dict(),
-        "scheduler": tr.scheduler.state_dict(),
-        "generator": tr.generator.get_state(),
-        "cpu_rng": torch.get_rng_state(),
-    }
-    state = {"samples_seen": tr.samples_seen, "ema": tr.ema.meta(), "nonfinite": tr.nonfinite}
-    state["data"] = tr.data.state_dict() if tr.data is not None else None
-    state["ema_teacher"] = tr.teacher_ema.meta()
-    return ckpt_io.save_checkpoint(
-        run_dir / "checkpoints", tr.step, weights, trainer, state, tr.cfg, tr.cfg.train.keep_last
-    )
-
-
-def check_compatible(cfg: Config, ckpt: Path) -> None:
-    """The resuming command must describe the same model as the checkpoint; other sections may change."""
-    saved = load_config(ckpt / "config.yaml")
-    for section in FROZEN_SECTIONS:
-        old, new = asdict(getattr(saved, section)), asdict(getattr(cfg, section))
-        diff = [k for k in new if old.get(k) != new[k]]
-        if diff:
-            k = diff[0]
-            raise ConfigError(
-                f"{ckpt} was trained with {section}.{k}={old.get(k)!r}, this run has {new[k]!r}; "
-                "use another run.dir to start afresh"
-            )
-    if saved.objective.name != cfg.objective.name:
-        raise ConfigError(
-            f"{ckpt} trained objective {saved.objective.name}, this run asks for {cfg.objective.name}"
-        )
-
-
-def restore(tr: Trainer, ckpt: Path) -> None:
-    """Load weights, EMA(s), optimizer, scheduler, RNG states and counters from a checkpoint."""
-    check_compatible(tr.cfg, ckpt)
-    state, trainer = ckpt_io.load_state(ckpt)
-    tr.models.student.load_state_dict(ckpt_io.load_weights(ckpt, "model", tr.device))
-    tr.ema.load_state_dict({**state["ema"], "model": ckpt_io.load_weights(ckpt, "ema", tr.device)})
-    if tr.teacher_ema is not tr.ema:
-        teacher = ckpt_io.load_weights(ckpt, "ema_teacher", tr.device)
-        tr.teacher_ema.load_state_dict({**state["ema_teacher"], "model": teacher})
-    if tr.models.head is not None:
-        tr.models.head.load_state_dict(ckpt_io.load_weights(ckpt, "head", tr.device))
-    tr.optimizer.load_state_dict(trainer["optimizer"])
-    tr.scheduler.load_state_dict(trainer["scheduler"])
-    tr.generator.set_state(trainer["generator"])
-    torch.set_rng_state(trainer["cpu_rng"])
-    tr.step, tr.samples_seen = int(state["step"]), int(state["samples_seen"])
-    tr.nonfinite = int(state.get("nonfinite", 0))
-    if tr.data is not None and state.get("data"):  # the next batch is the interrupted run's next batch
-        tr.data.load_state_dict(state["data"])
-
-
 # ---------------------------------------------------------------- the loop
 
 
-def build_data(cfg: Config) -> DataPipeline | WorkerPipeline:
-    """The mixed-task pipeline of `data.*`, in this process or over `data.num_workers` processes."""
+def build_data(cfg: Config, dist: Dist = SINGLE) -> DataPipeline | WorkerPipeline:
+    """The mixed-task pipeline of `data.*`, in this process or over `data.num_workers` processes; with
+    several ranks each reads its own shards (every world-th one of each epoch's shard order)."""
     d = cfg.data
     kwargs = dict(
         shards=d.shards,
         spec=cfg.spec,
         seed=cfg.seed,
+        rank=dist.rank,
+        world=dist.world,
         weights=d.weights,
         batch_sizes=d.batch_sizes,
         batch_size=cfg.train.batch_size,
@@ -260,24 +240,52 @@ def write_samples(tr: Trainer, gen: Generator, prompts: list[str], task: str, pa
     return save_image(image_grid(video.transpose(1, 2).flatten(0, 1), nrow=video.shape[2]), path)
 
 
+def _log_interval(tr: Trainer, meter: MetricMeter, logger: RunLogger, bar: tqdm) -> dict[str, Any]:
+    last = meter.flush() if meter.steps else {}  # an interval of skipped steps has no means
+    last |= {"lr": tr.scheduler.get_last_lr()[0], "samples_seen": tr.samples_seen}
+    last |= {"skipped_samples": tr.skipped, "nonfinite_steps": tr.nonfinite}
+    logger.log(tr.step, last)
+    bar.set_postfix(loss=f"{last.get('loss', math.nan):.4f}", cos=f"{last.get('rep_cos', math.nan):.3f}")
+    return last
+
+
+def _stop_signal(tr: Trainer, stop: Preemption) -> str | None:
+    """The preemption signal if any rank received one (all ranks then save and stop at this step)."""
+    if not tr.dist.multi:
+        return stop.requested
+    if any_rank(tr.dist, stop.requested is not None, tr.device):
+        return stop.requested or "signal on another rank"
+    return None
+
+
 def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Train to `train.max_steps`, resuming from the latest complete checkpoint under `run.dir`. A
-    preemption signal (`train.preempt_signals`) saves at the next step boundary and returns."""
-    run_dir = Path(cfg.run.dir)
+    preemption signal (`train.preempt_signals`) saves at the next step boundary and returns. Under
+    torchrun / the deepspeed launcher every rank runs this; rank 0 logs, draws samples and prints."""
     if not cfg.data.shards:
         raise ConfigError(
             "data.shards is empty: build shards with tools/make_shards.py, then data.shards=DIR"
         )
-    tr = build_trainer(cfg)
-    tr.data = build_data(cfg)
+    dist, device = dist_io.init_dist(cfg, pick_device(cfg.train.device))
+    try:
+        return _train(build_trainer(cfg, device, dist), progress and dist.is_main)
+    finally:
+        dist_io.shutdown(dist)
+
+
+def _train(tr: Trainer, progress: bool) -> dict[str, Any]:
+    cfg, run_dir, main = tr.cfg, Path(tr.cfg.run.dir), tr.dist.is_main
+    tr.data = build_data(cfg, tr.dist)
     latest = ckpt_io.latest_checkpoint(run_dir / "checkpoints")
     if latest is not None:
         restore(tr, latest)
-    save_config(cfg, run_dir / "config.yaml")
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
     summary = {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(latest), "preempted": None}
     if tr.step >= cfg.train.max_steps:
         return {**summary, "last": {"step": tr.step}}
-    logger, meter = RunLogger(run_dir, resume_step=tr.step), MetricMeter(cfg.train.t_bins, tr.device)
+    logger = RunLogger(run_dir, resume_step=tr.step) if main else dist_io.QuietLogger()
+    meter = MetricMeter(cfg.train.t_bins, tr.device)
     sampler = Generator(cfg, tr.ema.model, tr.device, cfg.train.precision, tr.media, tr.encode_text)
     bar = tqdm(total=cfg.train.max_steps, initial=tr.step, disable=not progress, desc=cfg.objective.name)
     prompts: list[str] = list(cfg.sample.prompts)
@@ -296,22 +304,17 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
             bar.update(1)
             done = tr.step >= cfg.train.max_steps
             if tr.step % cfg.train.log_every == 0 or done:
-                last = meter.flush() if meter.steps else {}  # an interval of skipped steps has no means
-                last |= {"lr": tr.scheduler.get_last_lr()[0], "samples_seen": tr.samples_seen}
-                last |= {"skipped_samples": tr.skipped, "nonfinite_steps": tr.nonfinite}
-                logger.log(tr.step, last)
-                bar.set_postfix(
-                    loss=f"{last.get('loss', math.nan):.4f}", cos=f"{last.get('rep_cos', math.nan):.3f}"
-                )
-            if (cfg.sample.every and tr.step % cfg.sample.every == 0) or done:
+                last = _log_interval(tr, meter, logger, bar)
+            if main and ((cfg.sample.every and tr.step % cfg.sample.every == 0) or done):
                 write_samples(
                     tr, sampler, prompts, grid_task, run_dir / "samples" / f"step_{tr.step:08d}.png"
                 )
-            if tr.step % cfg.train.ckpt_every == 0 or done or stop.requested:
+            stopping = _stop_signal(tr, stop)
+            if tr.step % cfg.train.ckpt_every == 0 or done or stopping:
                 summary["checkpoint"] = str(save(tr, run_dir))
-            if stop.requested:
-                logger.log(tr.step, {"event": "preempted", "signal": stop.requested})
-                summary["preempted"] = stop.requested
+            if stopping:
+                logger.log(tr.step, {"event": "preempted", "signal": stopping})
+                summary["preempted"] = stopping
                 break
             if done:
                 break

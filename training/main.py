@@ -8,6 +8,11 @@ Everything the run writes goes under `run.dir`: config.yaml, metrics.jsonl, tb/ 
 samples/ (fixed-seed grids) and checkpoints/. Rerunning the same command resumes from the latest
 complete checkpoint. Overrides are dotted keys of `configs/schema.py`; unknown keys are errors.
 
+Several processes: `torchrun --nproc_per_node N training/main.py ...` (dist.engine=ddp), or
+`deepspeed --num_gpus N training/main.py ... dist.engine=deepspeed dist.zero_stage=3` (on CPU also set
+DS_ACCELERATOR=cpu); train.batch_size is per process. Every rank agrees on skipping a non-finite step
+and on stopping for a signal; a resume needs the same number of processes.
+
 Exit status: 0 when done or preempted (SIGTERM, or `train.preempt_signals`: the run saves at the next
 step boundary; rerun to resume), 2 for a bad config or missing data, 3 after `train.max_nonfinite`
 consecutive NaN/Inf steps (none of which was applied).
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from selfflow.configs.schema import ConfigError, config_to_yaml, load_config
@@ -28,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to run.dir)")
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
+    )  # the deepspeed launcher's
     return p.parse_args(argv)
 
 
@@ -48,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    print(json.dumps({k: summary[k] for k in ("run_dir", "step", "checkpoint", "preempted")}))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: summary[k] for k in ("run_dir", "step", "checkpoint", "preempted")}))
     return 0
 
 

@@ -1,0 +1,290 @@
+"""Several processes training one model: process groups, the all-rank decisions, data-parallel gradients
+and the DeepSpeed engine. `training/loop.py` calls in here only when more than one process runs (or
+`dist.engine=deepspeed`), so a plain `python training/main.py` run takes none of these paths.
+
+    torchrun --nproc_per_node 8 training/main.py --config ...                      # dist.engine=ddp
+    deepspeed --num_gpus 8 training/main.py --config ... dist.engine=deepspeed dist.zero_stage=3
+
+Engines. `ddp`: every rank keeps the full model and optimizer; after backward the gradients of all
+ranks are averaged with one flat all-reduce (the student and the projector head together, whichever
+parameters a task left unused included), so every rank applies the same update. `deepspeed`: the
+student and head run inside a DeepSpeed engine with ZeRO stage 0, 2 or 3 over the same torch AdamW;
+its JSON config is generated from `train.*` (`deepspeed_config`).
+
+EMA. The EMA copies (the Self-Flow teacher) stay full, unsharded replicas on every rank: the teacher
+forward needs no collective. After each applied optimizer step the EMA reads the student's full
+parameters; under ZeRO-3 they are gathered for the update (`full_parameters`).
+
+Agreement. Whether a step is skipped (NaN / Inf loss or gradient on any rank) and whether the run stops
+(a preemption signal on any rank) are all-reduced with MAX, so all ranks skip, save and stop together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from selfflow.configs.schema import Config, ConfigError
+
+# DeepSpeed keys `train.*` decides; a user JSON may repeat them only with the same value.
+DERIVED_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+                "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: rank, number of processes, rank on its node, engine."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    engine: str = "ddp"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def multi(self) -> bool:
+        return self.world > 1
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.engine == "deepspeed"
+
+
+SINGLE = Dist()
+
+
+def _backend(cfg: Config, device: torch.device) -> str:
+    if cfg.dist.backend != "auto":
+        return cfg.dist.backend
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_dist(cfg: Config, device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group the launcher describes (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR).
+    Without a launcher and with engine ddp: the single process, nothing initialised. A CUDA device
+    becomes cuda:LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and cfg.dist.engine == "ddp":
+        return SINGLE, device
+    if world == 1:  # deepspeed in a plain `python` process: a group of one
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    backend = _backend(cfg, device)
+    if not torch.distributed.is_initialized():
+        if cfg.dist.engine == "deepspeed":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            torch.distributed.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    return Dist(rank, torch.distributed.get_world_size(), local, cfg.dist.engine), device
+
+
+def shutdown(dist: Dist) -> None:
+    if dist is not SINGLE and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier(dist: Dist) -> None:
+    if dist.multi:
+        torch.distributed.barrier()
+
+
+def any_rank(dist: Dist, flag: bool | Tensor, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank (an all-reduce MAX); the flag itself when alone."""
+    value = torch.as_tensor(flag, dtype=torch.int32, device=device).reshape(1)
+    if dist.multi:
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _buckets(grads: list[Tensor], size: int) -> Iterator[list[Tensor]]:
+    bucket: list[Tensor] = []
+    count = 0
+    for g in grads:
+        if bucket and count + g.numel() > size:
+            yield bucket
+            bucket, count = [], 0
+        bucket.append(g)
+        count += g.numel()
+    if bucket:
+        yield bucket
+
+
+def average_gradients(params: list[nn.Parameter], world: int, bucket: int = 2**25) -> None:
+    """Replace every gradient by its mean over the ranks: one all-reduce per flat bucket of up to `bucket`
+    elements (so the extra memory stays bounded). A parameter this rank did not use (another task's
+    embedder) contributes zeros, so all ranks keep the same set of gradients."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for grads in _buckets([p.grad for p in params], bucket):
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
+    """The DeepSpeed JSON of this run, from `train.*` and `dist.zero_stage`, with `dist.deepspeed_config`
+    merged over it. Batch sizes, clipping, precision and optimizer come from the training config only (the
+    optimizer is ours, bf16 is autocast around the forward as in a single process): a user file that
+    sets one of them differently is a ConfigError."""
+    t = cfg.train
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": t.batch_size * world,
+        "gradient_clipping": t.grad_clip if t.grad_clip > 0 else 0.0,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "zero_optimization": {"stage": cfg.dist.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if not cfg.dist.deepspeed_config:
+        return generated
+    path = Path(cfg.dist.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"dist.deepspeed_config: cannot read {path}: {e}") from None
+    for key in DERIVED_KEYS:
+        if key in user and user[key] != generated.get(key):
+            raise ConfigError(
+                f"{path} sets {key}={user[key]!r}; it follows the training config ({generated.get(key)!r}): "
+                "set train.batch_size / train.grad_clip / train.precision / train.lr instead"
+            )
+    stage = user.get("zero_optimization", {}).get("stage", cfg.dist.zero_stage)
+    if stage != cfg.dist.zero_stage:
+        raise ConfigError(f"{path} sets zero_optimization.stage={stage}; use dist.zero_stage={stage}")
+    return _merge(generated, user)
+
+
+class ObjectiveModule(nn.Module):
+    """The trainable modules as one module for the engine; `forward` runs the objective, so the engine's
+    hooks (ZeRO-3 parameter gathering) see every student and head call."""
+
+    def __init__(self, student: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.student, self.head = student, head
+
+    def forward(self, run: Any, *args: Any) -> Any:
+        return run(*args)
+
+
+def make_engine(cfg: Config, dist: Dist, student: nn.Module, head: nn.Module | None, optimizer: Any) -> Any:
+    """A DeepSpeed engine over (student, head) and our torch AdamW, configured by `deepspeed_config`."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=ObjectiveModule(student, head), optimizer=optimizer, config=deepspeed_config(cfg, dist.world)
+    )
+    return engine
+
+
+def zero3(engine: Any) -> bool:
+    return engine is not None and engine.zero_optimization_stage() == 3
+
+
+@contextlib.contextmanager
+def full_parameters(
+    engine: Any, module: nn.Module | None, modifier_rank: int | None = None
+) -> Iterator[None]:
+    """Under ZeRO-3: `module`'s full parameters inside the block (changes made on `modifier_rank` are kept
+    and re-sharded on exit). Otherwise the parameters are already whole: nothing happens."""
+    if module is None or not zero3(engine):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank):
+        yield
+
+
+def engine_backward_step(engine: Any, loss: Tensor) -> Tensor:
+    """Backward (gradients reduced across ranks), clip and step inside the engine; the global grad norm
+    before clipping. A non-finite gradient is never applied: ZeRO-2/3 treat an invalid norm as an
+    overflow and skip the update themselves; stage 0 (plain gradients) is checked here."""
+    engine.backward(loss)
+    if engine.zero_optimization_stage() == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if not torch.isfinite(norm):  # the same on every rank: the gradients are already averaged
+            engine.optimizer.zero_grad(set_to_none=True)
+            return norm.float().cpu()
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- sharded optimizer state
+
+ZERO_OBJECTS = ("loss_scaler", "param_slice_mappings")  # rebuilt by the engine; not plain data
+
+
+def optimizer_state(engine: Any) -> dict[str, Any]:
+    """This rank's optimizer state as tensors and plain containers (loadable with weights_only=True)."""
+    state = engine.optimizer.state_dict()
+    if engine.zero_optimization_stage() == 0:
+        return state
+    plain = {k: v for k, v in state.items() if k not in ZERO_OBJECTS}
+    plain["zero_stage"] = int(state["zero_stage"])
+    return plain
+
+
+def load_optimizer_state(engine: Any, dist: Dist, state: dict[str, Any]) -> None:
+    """Restore `optimizer_state` of this rank (same world size and ZeRO stage as when it was saved)."""
+    if engine.zero_optimization_stage() == 0:
+        engine.optimizer.load_state_dict(state)
+        return
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    full = {**state, "zero_stage": ZeroStageEnum(state["zero_stage"])}
+    full["loss_scaler"] = engine.optimizer.loss_scaler
+    per_rank: list[dict[str, Any] | None] = [None] * dist.world
+    per_rank[dist.rank] = full  # rigid ZeRO checkpoints read only their own rank's entry
+    engine.optimizer.load_state_dict(per_rank, load_from_fp32_weights=True)
+
+
+class QuietLogger:
+    """What ranks other than 0 log through: nothing (rank 0 writes metrics.jsonl and TensorBoard)."""
+
+    def __enter__(self) -> QuietLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        return None

@@ -1,0 +1,139 @@
+"""Saving and resuming a training run (`training/loop.py` re-exports `save` and `restore`).
+
+    save(tr, run_dir)        # checkpoints/step_<step>/; every rank calls it when there are several
+    restore(tr, ckpt)        # the exact state the run had: weights, EMAs, optimizer, RNG, data position
+
+One process writes `trainer.pt` (optimizer, scheduler, RNG) and the data position in `state.json`. With
+several processes (or DeepSpeed) rank 0 writes the weights, `trainer.pt` (scheduler, and the optimizer
+when it is replicated) and `state.json`; every rank adds its RNG states, its optimizer shard (ZeRO)
+and its data position as `rank_<r>.pt` / `rank_<r>.json`. Resuming needs the same number of processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from selfflow.configs.schema import Config, ConfigError, load_config
+from selfflow.training import checkpoint as ckpt_io
+from selfflow.training import distributed as dist_io
+from selfflow.training.distributed import SINGLE, full_parameters
+
+if TYPE_CHECKING:
+    from selfflow.training.loop import Trainer
+
+# Sections a checkpoint must agree on with the command that resumes it.
+FROZEN_SECTIONS = ("model", "spec", "text", "codecs")
+
+
+def _weights(tr: Trainer) -> dict[str, dict[str, Tensor]]:
+    """Full weights by file name; under ZeRO-3 every rank takes part in gathering them (CPU copies)."""
+    weights = {}
+    for name, module in (("model", tr.models.student), ("head", tr.models.head)):
+        if module is not None:
+            with full_parameters(tr.engine, module):
+                live = module.state_dict()
+            copied = {k: v.to("cpu", copy=True) for k, v in live.items()} if tr.engine is not None else live
+            weights[name] = copied
+    weights["ema"] = tr.ema.weights()
+    if tr.teacher_ema is not tr.ema:
+        weights["ema_teacher"] = tr.teacher_ema.weights()
+    return weights
+
+
+def _ranked(tr: Trainer) -> bool:
+    """Whether checkpoints hold per-rank files (several processes, or any DeepSpeed run)."""
+    return tr.dist is not SINGLE or tr.engine is not None
+
+
+def _engine_name(tr: Trainer) -> str:
+    return f"deepspeed-zero{tr.engine.zero_optimization_stage()}" if tr.engine is not None else "ddp"
+
+
+def _check_layout(tr: Trainer, ckpt: Path, state: dict) -> None:
+    """The optimizer state is laid out per engine, ZeRO stage and rank: resuming needs the same three."""
+    saved = (int(state.get("world", 1)), state.get("engine", "ddp"))
+    if saved != (tr.dist.world, _engine_name(tr)):
+        raise ConfigError(
+            f"{ckpt} was written by {saved[0]} process(es) with {saved[1]}, this run has {tr.dist.world} "
+            f"with {_engine_name(tr)}: resume with the same number of processes and dist.engine / "
+            "dist.zero_stage (the optimizer shards and data positions are per rank)"
+        )
+
+
+def save(tr: Trainer, run_dir: Path) -> Path:
+    """A checkpoint of the run; with several processes every rank must call it (collective)."""
+    weights = _weights(tr)
+    trainer = {"scheduler": tr.scheduler.state_dict()}
+    if tr.engine is None:  # replicated: rank 0's copy is every rank's
+        trainer["optimizer"] = tr.optimizer.state_dict()
+    rng = {"generator": tr.generator.get_state(), "cpu_rng": torch.get_rng_state()}
+    state = {"samples_seen": tr.samples_seen, "ema": tr.ema.meta(), "nonfinite": tr.nonfinite}
+    data = tr.data.state_dict() if tr.data is not None else None
+    state["ema_teacher"] = tr.teacher_ema.meta()
+    root, keep = run_dir / "checkpoints", tr.cfg.train.keep_last
+    if not _ranked(tr):
+        state["data"] = data
+        return ckpt_io.save_checkpoint(root, tr.step, weights, trainer | rng, state, tr.cfg, keep)
+    if tr.engine is not None:
+        rng["optimizer"] = dist_io.optimizer_state(tr.engine)
+    state |= {"world": tr.dist.world, "engine": _engine_name(tr)}
+    mine = (rng, {"samples_seen": tr.samples_seen, "data": data})
+    main = (weights, trainer, state, tr.cfg) if tr.dist.is_main else None
+    return ckpt_io.save_checkpoint_ranks(
+        root, tr.step, tr.dist.rank, lambda: dist_io.barrier(tr.dist), main, mine, keep
+    )
+
+
+def check_compatible(cfg: Config, ckpt: Path) -> None:
+    """The resuming command must describe the same model as the checkpoint; other sections may change."""
+    saved = load_config(ckpt / "config.yaml")
+    for section in FROZEN_SECTIONS:
+        old, new = asdict(getattr(saved, section)), asdict(getattr(cfg, section))
+        diff = [k for k in new if old.get(k) != new[k]]
+        if diff:
+            k = diff[0]
+            raise ConfigError(
+                f"{ckpt} was trained with {section}.{k}={old.get(k)!r}, this run has {new[k]!r}; "
+                "use another run.dir to start afresh"
+            )
+    if saved.objective.name != cfg.objective.name:
+        raise ConfigError(
+            f"{ckpt} trained objective {saved.objective.name}, this run asks for {cfg.objective.name}"
+        )
+
+
+def _load_module(tr: Trainer, module: nn.Module, ckpt: Path, name: str) -> None:
+    with full_parameters(tr.engine, module, modifier_rank=0):  # ZeRO-3: rank 0's copy is re-sharded
+        module.load_state_dict(ckpt_io.load_weights(ckpt, name, tr.device))
+
+
+def restore(tr: Trainer, ckpt: Path) -> None:
+    """Load weights, EMA(s), optimizer, scheduler, RNG states and counters from a checkpoint (with several
+    processes: on every rank, each reading its own RNG, optimizer shard and data position)."""
+    check_compatible(tr.cfg, ckpt)
+    state, trainer = ckpt_io.load_state(ckpt)
+    _check_layout(tr, ckpt, state)
+    _load_module(tr, tr.models.student, ckpt, "model")
+    tr.ema.load_state_dict({**state["ema"], "model": ckpt_io.load_weights(ckpt, "ema", tr.device)})
+    if tr.teacher_ema is not tr.ema:
+        teacher = ckpt_io.load_weights(ckpt, "ema_teacher", tr.device)
+        tr.teacher_ema.load_state_dict({**state["ema_teacher"], "model": teacher})
+    if tr.models.head is not None:
+        _load_module(tr, tr.models.head, ckpt, "head")
+    mine, rng = ckpt_io.load_rank(ckpt, tr.dist.rank) if _ranked(tr) else (state, trainer)
+    if tr.engine is not None:
+        dist_io.load_optimizer_state(tr.engine, tr.dist, rng["optimizer"])
+    else:
+        tr.optimizer.load_state_dict(trainer["optimizer"])
+    tr.scheduler.load_state_dict(trainer["scheduler"])
+    tr.generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["cpu_rng"])
+    tr.step, tr.samples_seen = int(state["step"]), int(mine["samples_seen"])
+    tr.nonfinite = int(state.get("nonfinite", 0))
+    if tr.data is not None and mine.get("data"):  # the next batch is the interrupted run's next batch
+        tr.data.load_state_dict(mine["data"])
