@@ -76,7 +76,7 @@ demo: setup
 # word signs, moving objects and bouncing balls with sound -> shards -> the `default` preset trained on the
 # CPU -> an exported snapshot. Rerunning resumes the training run.
 DM         ?= outputs/default-model
-DM_STEPS   ?= 3000
+DM_STEPS   ?= 2750
 DM_SOURCES := class text video av
 default-model: setup
 	@bench() { test -f $(DM)/media/$$1/.complete || { $(PY) tools/make_benchmark.py --seed 0 --overwrite \

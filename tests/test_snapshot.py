@@ -14,6 +14,7 @@ import av
 import pytest
 import torch
 
+from selfflow.configs.schema import load_config
 from selfflow.data.shards import sha256_file
 from selfflow.inference import sample_av, sample_image
 from selfflow.inference.pipeline import load_snapshot
@@ -89,20 +90,20 @@ def test_export_replaces_a_previous_snapshot_whole(av_ckpt, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snap"]  # no temporary or old copies left
 
 
-needs_default = pytest.mark.skipif(
-    not (DEFAULT_SNAPSHOT / INFO).is_file(), reason="the default model is not in this checkout"
-)
-
-
-@needs_default
 def test_the_default_model_is_small_and_intact():
     size = sum(p.stat().st_size for p in DEFAULT_SNAPSHOT.iterdir())
     assert size <= 25 * 2**20
     cfg, model = load_snapshot(None)  # sha256-checked
     assert cfg.name == "default" and not model.training
+    preset = load_config(REPO / "configs" / "default.yaml")  # the shipped weights are the preset's model
+    assert (cfg.model, cfg.spec, cfg.text, cfg.codecs) == (
+        preset.model,
+        preset.spec,
+        preset.text,
+        preset.codecs,
+    )
 
 
-@needs_default
 def test_out_of_the_box_av_clip_has_picture_and_sound(tmp_path):
     """The README's first command, as a user runs it: no --ckpt, default options."""
     out = tmp_path / "ball.mp4"
@@ -125,7 +126,6 @@ def test_out_of_the_box_av_clip_has_picture_and_sound(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["checkpoint"] == str(DEFAULT_SNAPSHOT)
 
 
-@needs_default
 def test_default_model_draws_images_and_silent_video(tmp_path):
     grid = tmp_path / "grid.png"
     assert sample_image.main(["--prompt", 'a sign that says "cat"', "--num", "2", "--steps", "4",
