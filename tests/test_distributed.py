@@ -315,6 +315,7 @@ def worker(mode: str, out: str, shards: str, *overrides: str) -> None:
     try:
         tr = build_trainer(cfg, device, dist)
         {"ema": _worker_ema, "nan": _worker_nan}[mode](tr, Path(out))
+        dist_io.barrier(dist)  # as train() does: nobody leaves while the other still talks
     finally:
         dist_io.shutdown(dist)
 

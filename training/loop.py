@@ -268,7 +268,9 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
         )
     dist, device = dist_io.init_dist(cfg, pick_device(cfg.train.device))
     try:
-        return _train(build_trainer(cfg, device, dist), progress and dist.is_main)
+        summary = _train(build_trainer(cfg, device, dist), progress and dist.is_main)
+        dist_io.barrier(dist)  # no rank tears the group down while another still talks to it
+        return summary
     finally:
         dist_io.shutdown(dist)
 
