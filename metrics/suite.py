@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from selfflow.configs.schema import Config
 from selfflow.data.benchmark.common import Item
 from selfflow.data.pipeline import decode_sample
 from selfflow.inference.pipeline import Generator, to_uint8
@@ -35,9 +36,9 @@ PIPELINE_TASK = {"class": "image", "text": "image", "video": "video", "av": "av"
 MODALITIES = {"class": ("image",), "text": ("image",), "video": ("video",), "av": ("video", "audio")}
 
 
-def reference_items(task: str, n: int, seed: int, gen: Generator, split: str = "test") -> list[Item]:
-    """n benchmark items of `task` at the generator's clip spec."""
-    spec = gen.cfg.spec
+def reference_items(task: str, n: int, seed: int, cfg: Config, split: str = "test") -> list[Item]:
+    """n benchmark items of `task` at the model's clip spec (`cfg.spec`)."""
+    spec = cfg.spec
     clip = ["--fps", str(round(spec.fps)), "--duration", str(spec.duration)]
     extra = {
         "class": ["--split", split],
@@ -52,15 +53,15 @@ def reference_items(task: str, n: int, seed: int, gen: Generator, split: str = "
     return list(make_benchmark.TASKS[task].build(args))
 
 
-def decode_items(items: list[Item], task: str, gen: Generator) -> dict[str, torch.Tensor]:
+def decode_items(items: list[Item], task: str, cfg: Config) -> dict[str, torch.Tensor]:
     """Items -> {modality: [N, ...]} in [-1, 1], decoded exactly as the training reader does."""
     kind = PIPELINE_TASK[task]
     samples = [
         decode_sample(
             {"__key__": it.key, it.ext: it.media, "txt": it.caption.encode()},
             kind,
-            gen.cfg.spec,
-            gen.cfg.data.image_fit,
+            cfg.spec,
+            cfg.data.image_fit,
         )  # fmt: skip
         for it in items
     ]
@@ -109,14 +110,14 @@ def evaluate_task(
     """{"samples": metrics, "real": metrics} (class: KID / FID of both against one real set)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    items = reference_items(task, n, seed, gen)
-    real = decode_items(items, task, gen)
+    items = reference_items(task, n, seed, gen.cfg)
+    real = decode_items(items, task, gen.cfg)
     samples = generate(gen, [it.caption for it in items], task, steps, cfg_scale, batch)
     if task != "class":
         spec = gen.cfg.spec
         return {"samples": _score(task, samples, items, spec.fps, spec.sample_rate),
                 "real": _score(task, real, items, spec.fps, spec.sample_rate)}  # fmt: skip
-    other = decode_items(reference_items(task, n, seed, gen, split="train"), task, gen)["image"]
+    other = decode_items(reference_items(task, n, seed, gen.cfg, split="train"), task, gen.cfg)["image"]
     ref = fid.inception_features(real["image"])  # [n, 2048]
     out = {}
     for side, images in (("samples", samples["image"]), ("real", other)):

@@ -19,7 +19,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -84,9 +83,8 @@ class References:
 
     def _images(self, cfg: Config, split: str) -> tuple[list[str], torch.Tensor]:
         s = self.settings
-        holder = SimpleNamespace(cfg=cfg)  # the suite's item builders read only `gen.cfg`
-        items = suite.reference_items("class", s.n, s.seed, holder, split=split)  # type: ignore[arg-type]
-        images = suite.decode_items(items, "class", holder)["image"]  # type: ignore[arg-type]
+        items = suite.reference_items("class", s.n, s.seed, cfg, split=split)
+        images = suite.decode_items(items, "class", cfg)["image"]
         return [it.caption for it in items], images
 
     def _build(self, cfg: Config, key: str) -> RealSet:
