@@ -56,14 +56,20 @@ class MediaTokenizer:
     def encode(self, media: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """{modality: media} -> ({modality: tokens [B, L_m, C_m]}, ids [L, 4])."""
         tokens = {
-            m: self.patchifiers[m].patchify(self.codec(m).encode(x) * self.scales[m])
-            for m, x in media.items()
+            m: self.patchifiers[m].patchify(self._gain(m, self.codec(m).encode(x))) for m, x in media.items()
         }
         return tokens, self.position_ids(list(media))
 
     def decode(self, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
         """{modality: tokens} -> {modality: media}."""
         return {
-            m: self.codec(m).decode(self.patchifiers[m].unpatchify(z) / self.scales[m])
+            m: self.codec(m).decode(self._gain(m, self.patchifiers[m].unpatchify(z), inverse=True))
             for m, z in tokens.items()
         }
+
+    def _gain(self, modality: str, latents: Tensor, inverse: bool = False) -> Tensor:
+        """gain * latents (latents / gain when decoding); a gain of 1 costs nothing."""
+        gain = self.scales[modality]
+        if gain == 1.0:
+            return latents
+        return latents / gain if inverse else latents * gain
