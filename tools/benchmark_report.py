@@ -22,7 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from selfflow.data.atomic import atomic_path, write_atomic  # noqa: E402
+from selfflow.data.atomic import write_atomic  # noqa: E402
+from selfflow.tools.plot_metrics import save_figure  # noqa: E402
 
 # metric -> (label, lower is better); the order of the table's columns and of the PNGs
 METRICS: dict[str, tuple[str, bool]] = {
@@ -168,13 +169,7 @@ def plot_curve(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(out_dir: Path, results: dict[str, Any]) -> list[Path]:

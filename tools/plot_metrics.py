@@ -45,13 +45,18 @@ def plot(runs: list[Path], keys: list[str], out: Path) -> Path:
         if key.startswith("loss"):
             ax.set_yscale("log")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Lay out, write `path` as PNG atomically (a rename, never a half-written file), and close `fig`."""
     try:
-        with atomic_path(out) as tmp:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-    return out
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
