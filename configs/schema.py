@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from selfflow.data.atomic import write_atomic
+from selfflow.data.decode import DecodeLimits
 from selfflow.models.flow import TimestepDist
 from selfflow.tokenizers.spec import ClipSpec
 
@@ -180,10 +181,15 @@ class DataConfig:
     image_fit: str = (
         "crop"  # images to the spec's size: crop (cover, cut the centre) | pad (fit, extend border)
     )
+    limits: DecodeLimits = field(default_factory=DecodeLimits)  # formats and sizes a sample may have
+    worker_timeout_s: float = 600.0  # a DataLoader worker without a batch for this long ends the run
+    allow_changed_shards: bool = False  # resume into a shard list that differs from the checkpoint's
 
     def __post_init__(self) -> None:
         if self.image_fit not in ("crop", "pad"):
             raise ConfigError(f"data.image_fit {self.image_fit!r} is not one of crop, pad")
+        if not self.worker_timeout_s > 0:
+            raise ConfigError(f"data.worker_timeout_s must be > 0, got {self.worker_timeout_s}")
 
 
 @dataclass

@@ -25,10 +25,11 @@ import numpy as np
 import soundfile
 from av.video.reformatter import VideoReformatter
 
-from selfflow.data.decode import resize_center_crop
+from selfflow.data.decode import LIMITS, DecodeLimits, resize_center_crop
 from selfflow.tokenizers.spec import ClipSpec
 
 AV_ERRORS = (av.error.FFmpegError, ValueError, OSError, EOFError, IndexError)
+_AUDIO_MARGIN = 0.25  # seconds of audio decoded around a window (codec priming, resampler filter)
 
 
 @dataclass(frozen=True)
@@ -49,54 +50,82 @@ class Clip:
     audio: np.ndarray | None  # float32 [C, N] in [-1, 1]
 
 
-def _open(data: bytes) -> av.container.InputContainer:
+def _open(data: bytes, container: str = "mp4") -> av.container.InputContainer:
+    """Only the `container` demuxer is tried (no probing through every format FFmpeg knows)."""
     try:
-        return av.open(io.BytesIO(data), mode="r")
+        return av.open(io.BytesIO(data), mode="r", format=container)
     except AV_ERRORS as err:
-        raise ValueError(f"cannot open media: {err}") from err
+        raise ValueError(f"cannot open media as {container}: {err}") from err
 
 
-def probe(data: bytes) -> MediaInfo:
-    """Streams, duration, frame rate, size and sample rate of an mp4 / any PyAV-readable file."""
+def _info(box: av.container.InputContainer) -> MediaInfo:
+    v = box.streams.video[0] if box.streams.video else None
+    a = box.streams.audio[0] if box.streams.audio else None
+    spans = [float(s.duration * s.time_base) for s in (v, a) if s is not None and s.duration]
+    duration = max(spans) if spans else (box.duration or 0) / 1e6
+    return MediaInfo(
+        duration=duration,
+        has_video=v is not None,
+        has_audio=a is not None,
+        fps=float(v.average_rate or 0) if v is not None else 0.0,
+        width=v.codec_context.width if v is not None else 0,
+        height=v.codec_context.height if v is not None else 0,
+        sample_rate=a.codec_context.sample_rate if a is not None else 0,
+        channels=a.codec_context.channels if a is not None else 0,
+    )
+
+
+def _checked(box: av.container.InputContainer, limits: DecodeLimits) -> MediaInfo:
+    """The header's facts, once they are within `limits` (ValueError naming the first that is not)."""
+    info = _info(box)
+    limits.check_duration(info.duration)
+    if info.has_video:
+        codec = box.streams.video[0].codec_context.name
+        if codec not in limits.video_codecs:
+            raise ValueError(f"video codec {codec} is not allowed ({'/'.join(limits.video_codecs)})")
+        limits.check_frame(info.width, info.height, info.fps)
+    if info.has_audio:
+        codec = box.streams.audio[0].codec_context.name
+        if codec not in limits.audio_codecs:
+            raise ValueError(f"audio codec {codec} is not allowed ({'/'.join(limits.audio_codecs)})")
+        limits.check_audio(info.sample_rate, info.channels)
+    return info
+
+
+def probe(data: bytes, limits: DecodeLimits = LIMITS) -> MediaInfo:
+    """Streams, duration, frame rate, size and sample rate of an mp4, read from its header and checked
+    against `limits` (ValueError)."""
     with _open(data) as box:
-        v = box.streams.video[0] if box.streams.video else None
-        a = box.streams.audio[0] if box.streams.audio else None
-        spans = [float(s.duration * s.time_base) for s in (v, a) if s is not None and s.duration]
-        duration = max(spans) if spans else (box.duration or 0) / 1e6
-        return MediaInfo(
-            duration=duration,
-            has_video=v is not None,
-            has_audio=a is not None,
-            fps=float(v.average_rate or 0) if v is not None else 0.0,
-            width=v.codec_context.width if v is not None else 0,
-            height=v.codec_context.height if v is not None else 0,
-            sample_rate=a.codec_context.sample_rate if a is not None else 0,
-            channels=a.codec_context.channels if a is not None else 0,
-        )
+        return _checked(box, limits)
 
 
-def _frames(box: av.container.InputContainer, spec: ClipSpec, start: float) -> np.ndarray:
-    """The spec's frames of the first video stream: [T, H, W, 3] uint8, frame i shown at start + i/fps."""
+def _frames(box: av.container.InputContainer, spec: ClipSpec, start: float, max_fps: float) -> np.ndarray:
+    """The spec's frames of the first video stream: [T, H, W, 3] uint8, frame i shown at start + i/fps.
+    Each frame is resized as soon as it is picked: one source-sized frame is held at a time."""
     stream = box.streams.video[0]
     targets = [start + i / spec.fps for i in range(spec.num_frames)]
     picked: list[np.ndarray | None] = [None] * len(targets)
-    last, last_time, i = None, -math.inf, 0
+    last, last_rgb, last_time, i, decoded = None, None, -math.inf, 0, 0
+    budget = max_fps * (targets[-1] + 1.0) + 16  # frames that can precede the window's end
     for frame in box.decode(stream):
         time = float(frame.pts * stream.time_base) if frame.pts is not None else last_time + 1 / spec.fps
         while i < len(targets) and targets[i] < time - 1e-6:  # the previous frame is on screen at targets[i]
-            picked[i], i = last, i + 1
-        last, last_time = frame, time
+            last_rgb = last_rgb if last_rgb is not None or last is None else _rgb(last, spec)
+            picked[i], i = last_rgb, i + 1
+        last, last_rgb, last_time, decoded = frame, None, time, decoded + 1
         if i == len(targets):
             break
+        if decoded > budget:
+            raise ValueError(f"{decoded} frames decoded before {time:.3f}s: timestamps do not advance")
     slack = 1.0 / spec.fps
     while i < len(targets) and last is not None and targets[i] - last_time <= slack + 1e-6:
-        picked[i], i = last, i + 1  # the last frame stays on screen for one frame interval
+        last_rgb = last_rgb if last_rgb is not None else _rgb(last, spec)
+        picked[i], i = last_rgb, i + 1  # the last frame stays on screen for one frame interval
     if i < len(targets) or any(f is None for f in picked):
         raise ValueError(
             f"video covers {last_time + slack:.3f}s, the clip needs {start:.3f}..{targets[-1]:.3f}s"
         )
-    out = [_rgb(f, spec) for f in picked]  # type: ignore[arg-type]
-    return np.stack(out)
+    return np.stack(picked)  # type: ignore[arg-type]
 
 
 def _rgb(frame: av.VideoFrame, spec: ClipSpec) -> np.ndarray:
@@ -108,15 +137,20 @@ def _layout(channels: int) -> str:
     return "mono" if channels == 1 else "stereo"
 
 
-def _audio_stream(box: av.container.InputContainer, spec: ClipSpec) -> tuple[np.ndarray, float]:
-    """All audio resampled to the spec: ([C, N] float32, time of sample 0 in seconds)."""
+def _audio_stream(
+    box: av.container.InputContainer, spec: ClipSpec, until: float = math.inf
+) -> tuple[np.ndarray, float]:
+    """Audio resampled to the spec up to about `until` seconds: ([C, N] float32, time of sample 0)."""
     stream = box.streams.audio[0]
     resampler = av.AudioResampler(format="fltp", layout=_layout(spec.audio_channels), rate=spec.sample_rate)
     chunks, first = [], None
     for frame in box.decode(stream):
+        time = float(frame.pts * stream.time_base) if frame.pts is not None else None
         if first is None:
-            first = float(frame.pts * stream.time_base) if frame.pts is not None else 0.0
+            first = time if time is not None else 0.0
         chunks += [f.to_ndarray() for f in resampler.resample(frame)]
+        if time is not None and time > until:  # the window is covered: the rest is never decoded
+            break
     chunks += [f.to_ndarray() for f in resampler.resample(None)]
     if not chunks:
         raise ValueError("audio stream has no samples")
@@ -138,38 +172,66 @@ def _window(audio: np.ndarray, origin: float, spec: ClipSpec, start: float) -> n
 
 
 def decode_av(
-    data: bytes, spec: ClipSpec, start: float = 0.0, video: bool = True, audio: bool = True
+    data: bytes,
+    spec: ClipSpec,
+    start: float = 0.0,
+    video: bool = True,
+    audio: bool = True,
+    limits: DecodeLimits = LIMITS,
 ) -> Clip:
-    """The spec-sized clip at `start` seconds of an mp4's video and/or audio (ValueError if missing)."""
+    """The spec-sized clip at `start` seconds of an mp4's video and/or audio (ValueError if missing or
+    outside `limits`). Decoding stops once the window is covered."""
     with _open(data) as box:
+        _checked(box, limits)
         try:
             if video and not box.streams.video:
                 raise ValueError("no video stream")
             if audio and not box.streams.audio:
                 raise ValueError("no audio stream")
-            frames = _frames(box, spec, start) if video else None
+            frames = _frames(box, spec, start, limits.max_fps) if video else None
             if audio:
                 box.seek(0)
-                samples, origin = _audio_stream(box, spec)
+                samples, origin = _audio_stream(box, spec, until=start + spec.duration + _AUDIO_MARGIN)
             sound = _window(samples, origin, spec, start) if audio else None
         except (av.error.FFmpegError, EOFError, IndexError) as err:
             raise ValueError(f"cannot decode media: {err}") from err
     return Clip(frames, sound)
 
 
-def decode_audio(data: bytes, spec: ClipSpec, start: float = 0.0) -> np.ndarray:
-    """wav / flac (soundfile), else any PyAV-readable audio -> the spec's [C, N] float32 at `start`."""
+def decode_audio(
+    data: bytes, spec: ClipSpec, start: float = 0.0, limits: DecodeLimits = LIMITS
+) -> np.ndarray:
+    """wav / flac (soundfile, `limits.audio_formats`) -> the spec's [C, N] float32 at `start`. Only the
+    window (plus a margin for the resampler) is read, after the header passed `limits`."""
     try:
-        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)  # [N, C]
-    except (soundfile.LibsndfileError, RuntimeError, TypeError):
-        with _open(data) as box:
-            if not box.streams.audio:
-                raise ValueError("no audio stream") from None
-            samples, origin = _audio_stream(box, spec)
-        return _window(samples, origin, spec, start)
+        info = soundfile.info(io.BytesIO(data))
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
+        raise ValueError(f"cannot decode audio: {getattr(err, 'error_string', err)}") from err
+    if info.format not in limits.audio_formats:
+        raise ValueError(f"audio format {info.format} is not allowed ({'/'.join(limits.audio_formats)})")
+    rate = info.samplerate
+    limits.check_audio(rate, info.channels)
+    limits.check_duration(info.frames / rate)
+    first, count = _read_span(rate, spec, start)
+    try:
+        wave, _ = soundfile.read(
+            io.BytesIO(data), start=first, frames=count, dtype="float32", always_2d=True
+        )  # [N, C]
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
+        raise ValueError(f"cannot decode audio: {getattr(err, 'error_string', err)}") from err
     if wave.shape[0] == 0:
         raise ValueError("audio has no samples")
-    return _window(resample(wave.T, rate, spec), 0.0, spec, start)
+    return _window(resample(wave.T, rate, spec), first / rate, spec, start)
+
+
+def _read_span(rate: int, spec: ClipSpec, start: float) -> tuple[int, int]:
+    """(first source sample, count) covering the window at `start` with a margin for the resampler's
+    filter. The first sample is a whole number of output samples from 0, so the resampled window lies
+    on the same sample grid as a resample of the whole file."""
+    step = rate // math.gcd(rate, spec.sample_rate)  # source samples per whole output sample grid step
+    first = max(0, math.floor((start - _AUDIO_MARGIN) * rate / step)) * step
+    last = math.ceil((start + spec.duration + _AUDIO_MARGIN) * rate)
+    return first, last - first
 
 
 def resample(wave: np.ndarray, rate: int, spec: ClipSpec) -> np.ndarray:

@@ -1,13 +1,20 @@
-"""Pure image decoding and geometry, shared by the shard tool and the training reader.
+"""Pure image decoding and geometry, shared by the shard tool and the training reader, and the
+limits every decoder checks before it allocates (`DecodeLimits`).
 
 No torch here: the offline tools import this module and should start fast. Video and audio
 (PyAV, soundfile) live in `avio.py`.
+
+Hostile input. Only the formats a limit set allows are ever tried (Pillow runs no other plugin, PyAV
+no other demuxer), and sizes, durations, rates and channel counts are read from the header and
+checked before any pixel or sample is decoded, so one crafted file costs at most what the limits
+allow (README, "Failure behaviour").
 """
 
 from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,13 +26,71 @@ RESAMPLE = Image.Resampling.LANCZOS
 _BACKGROUND = 255  # transparent pixels are flattened onto white
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Decode every pixel now (`load`), so a truncated or corrupt file fails here with a ValueError."""
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one sample may be, checked from its header before decoding (`data.limits` in the config).
+
+    Peak memory of decoding one sample is then bounded by about 4 bytes x `max_image_pixels` for an
+    image, a few source frames of `max_frame_pixels` plus the clip for video, and `max_sample_rate` x
+    `max_channels` x the clip's seconds for audio (tests/test_hostile_data.py measures it)."""
+
+    image_formats: list[str] = field(default_factory=lambda: ["PNG", "JPEG", "WEBP"])  # Pillow names
+    audio_formats: list[str] = field(default_factory=lambda: ["WAV", "FLAC"])  # libsndfile names
+    video_codecs: list[str] = field(default_factory=lambda: ["h264", "hevc", "vp8", "vp9", "av1", "mpeg4"])
+    audio_codecs: list[str] = field(
+        default_factory=lambda: ["aac", "mp3", "opus", "vorbis", "flac", "alac", "pcm_s16le", "pcm_f32le"]
+    )
+    max_image_pixels: int = 50_000_000  # width x height of a still image
+    max_frame_pixels: int = 4096 * 2160  # width x height of a video frame
+    max_fps: float = 240.0
+    max_duration_s: float = 3600.0  # a source video / audio file
+    min_sample_rate: int = 4000
+    max_sample_rate: int = 192_000
+    max_channels: int = 8
+    max_field_mb: float = 1024.0  # compressed bytes of one field of a shard sample
+
+    def __post_init__(self) -> None:
+        numbers = {k: v for k, v in vars(self).items() if isinstance(v, int | float)}
+        bad = [k for k, v in numbers.items() if not v > 0]
+        if bad or self.min_sample_rate > self.max_sample_rate:
+            raise ValueError(f"data.limits: {bad or 'min_sample_rate'} must be positive (and min <= max)")
+
+    def check_image(self, width: int, height: int) -> None:
+        if width * height > self.max_image_pixels:
+            raise ValueError(f"image is {width}x{height}, over the {self.max_image_pixels} pixel limit")
+
+    def check_frame(self, width: int, height: int, fps: float) -> None:
+        if width * height > self.max_frame_pixels:
+            raise ValueError(f"video is {width}x{height}, over the {self.max_frame_pixels} pixel frame limit")
+        if fps > self.max_fps:
+            raise ValueError(f"video has {fps:g} frames/s, over the {self.max_fps:g} limit")
+
+    def check_audio(self, rate: int, channels: int) -> None:
+        if not self.min_sample_rate <= rate <= self.max_sample_rate:
+            raise ValueError(
+                f"audio sample rate {rate} Hz is outside {self.min_sample_rate}..{self.max_sample_rate}"
+            )
+        if not 1 <= channels <= self.max_channels:
+            raise ValueError(f"audio has {channels} channels (1..{self.max_channels} allowed)")
+
+    def check_duration(self, seconds: float) -> None:
+        if not seconds <= self.max_duration_s:  # also NaN
+            raise ValueError(f"media lasts {seconds:.0f}s, over the {self.max_duration_s:g}s limit")
+
+
+LIMITS = DecodeLimits()  # the defaults, for callers without a config
+
+
+def open_image(data: bytes, limits: DecodeLimits = LIMITS) -> Image.Image:
+    """Decode every pixel now (`load`), so a truncated or corrupt file fails here with a ValueError.
+    Only `limits.image_formats` are tried, and the size is checked from the header first."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=limits.image_formats)
+        limits.check_image(img.width, img.height)
         img.load()
     except UnidentifiedImageError as err:  # its message holds the buffer's address: not reproducible
-        raise ValueError("cannot decode image: not a known image format") from err
+        allowed = "/".join(limits.image_formats)
+        raise ValueError(f"cannot decode image: not an allowed image format ({allowed})") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot decode image: {err}") from err
     if img.width < 1 or img.height < 1:

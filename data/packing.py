@@ -19,6 +19,7 @@ A sample's bytes depend only on the input and the target, as far as the encoders
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -34,6 +35,8 @@ import soundfile
 from selfflow.data.avio import AV_ERRORS, MediaInfo, decode_audio, decode_av, encode_mp4, probe
 from selfflow.data.decode import (
     IMAGE_FIELD_OF_FORMAT,
+    LIMITS,
+    DecodeLimits,
     normalize_mode,
     open_image,
     png_bytes,
@@ -89,20 +92,25 @@ class Outcome:
     reason: str | None = None
 
 
-def prepare(entry: Entry, target: Target, latents: LatentOptions | None = None) -> Outcome:
-    """Decode, check and (re-)encode one entry (plus codec latents); any problem becomes the reason."""
+def prepare(
+    entry: Entry, target: Target, latents: LatentOptions | None = None, limits: DecodeLimits = LIMITS
+) -> Outcome:
+    """Decode, check and (re-)encode one entry (plus codec latents); any problem becomes the reason,
+    including running out of memory or an unexpected decoder error (never the end of the run)."""
     try:
         data = entry.media.read_bytes()
         if entry.kind == "image":
-            task, media = "image", [_image(data, target)]
+            task, media = "image", [_image(data, target, limits)]
         elif entry.kind == "audio":
-            task, media = "audio", _audio(data, target)
+            task, media = "audio", _audio(data, target, limits)
         else:
-            task, media = _mp4(data, target)
+            task, media = _mp4(data, target, limits)
         if latents is not None:
             media = [({**fields, **latent_fields(task, fields, latents)}, stats) for fields, stats in media]
     except (*DECODE_ERRORS, ValueError, OSError) as err:
         return Outcome(entry.key, str(entry.media), reason=_reason(err))
+    except Exception as err:  # MemoryError, or a decoder failing in a way it does not document
+        return Outcome(entry.key, str(entry.media), reason=f"{type(err).__name__}: {_reason(err)}")
     samples = []
     for index, (fields, stats) in enumerate(media):
         meta, key = dict(entry.meta), entry.key
@@ -121,9 +129,9 @@ def _reason(err: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------- images
-def _image(data: bytes, target: Target) -> tuple[dict[str, bytes], dict]:
+def _image(data: bytes, target: Target, limits: DecodeLimits) -> tuple[dict[str, bytes], dict]:
     """Original bytes unless resized or in a format the readers do not take; then lossless PNG."""
-    img = open_image(data)
+    img = open_image(data, limits)
     name = IMAGE_FIELD_OF_FORMAT.get(img.format)
     if target.image_size is not None or name is None:
         img = normalize_mode(img)
@@ -186,32 +194,58 @@ def _flac(wave: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
     return buf.getvalue()
 
 
-def _audio(data: bytes, target: Target) -> list[tuple[dict[str, bytes], dict]]:
+def _audio(data: bytes, target: Target, limits: DecodeLimits) -> list[tuple[dict[str, bytes], dict]]:
     try:
         info = soundfile.info(io.BytesIO(data))
-        pcm = _FLAC_SUBTYPE.get(info.subtype)
-        wave, rate = soundfile.read(io.BytesIO(data), dtype="int32" if pcm else "float32", always_2d=True)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"cannot decode audio: {_reason(err)}") from err
-    if wave.shape[0] == 0:
+    if info.format not in limits.audio_formats:
+        raise ValueError(f"audio format {info.format} is not allowed ({'/'.join(limits.audio_formats)})")
+    rate = info.samplerate
+    limits.check_audio(rate, info.channels)
+    limits.check_duration(info.frames / rate)  # before anything is read: the header may promise more
+    keep = not target.reencodes("audio")
+    pcm = _FLAC_SUBTYPE.get(info.subtype)
+    convert = pcm or "PCM_24" if keep and info.format != "FLAC" else None  # a wav is stored as flac
+    frames, converted = _scan_audio(data, "int32" if pcm else "float32", convert)
+    if frames == 0:
         raise ValueError("audio has no samples")
-    length = wave.shape[0] / rate
-    if not target.reencodes("audio"):
-        stored = data if info.format == "FLAC" else _flac(wave, rate, pcm or "PCM_24")
+    length = frames / rate
+    if keep:
+        stored = converted if converted is not None else data
         return [({"flac": stored}, {"duration": length, "sample_rate": rate})]
     rate_out = target.sample_rate or rate
-    channels = target.audio_channels or min(wave.shape[1], 2)
+    channels = target.audio_channels or min(info.channels, 2)
     duration = target.duration or whole_span(length, None, rate_out)
     count = _clip_count(length, duration, 1 / rate)
     n = round(duration * rate_out)
     out = []
     for first, size in _groups(count, n * channels * 4):
         spec = clip_spec(duration * size, rate_out, (2, 2), rate_out, channels)  # fps = rate: 1 sample
-        wave_out = decode_audio(data, spec, start=first * duration)
+        wave_out = decode_audio(data, spec, start=first * duration, limits=limits)
         for i in range(size):
             clip = np.clip(wave_out[:, i * n : (i + 1) * n], -1, 1).T
             out.append(({"flac": _flac(clip, rate_out)}, {"duration": duration, "sample_rate": rate_out}))
     return out
+
+
+def _scan_audio(data: bytes, dtype: str, flac_subtype: str | None) -> tuple[int, bytes | None]:
+    """Decode every sample, a block at a time (memory stays bounded whatever the header says): the
+    number of frames, and the audio as flac of `flac_subtype` when one is given."""
+    frames, out = 0, io.BytesIO()
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as src, contextlib.ExitStack() as stack:
+            dst = None
+            if flac_subtype is not None:
+                dst = soundfile.SoundFile(out, "w", src.samplerate, src.channels, flac_subtype, format="FLAC")
+                stack.enter_context(dst)
+            for block in src.blocks(blocksize=1 << 16, dtype=dtype, always_2d=True):  # [n, C]
+                frames += block.shape[0]
+                if dst is not None:
+                    dst.write(block)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"cannot decode audio: {_reason(err)}") from err
+    return frames, (out.getvalue() if flac_subtype is not None else None)
 
 
 # ---------------------------------------------------------------------- mp4 (video, av)
@@ -229,8 +263,10 @@ def _without_audio(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def _mp4(data: bytes, target: Target) -> tuple[str, list[tuple[dict[str, bytes], dict]]]:
-    info = probe(data)
+def _mp4(
+    data: bytes, target: Target, limits: DecodeLimits
+) -> tuple[str, list[tuple[dict[str, bytes], dict]]]:
+    info = probe(data, limits)
     if not info.has_video:
         raise ValueError("mp4 has no video stream")
     if info.fps <= 0 or info.duration <= 0:
@@ -240,15 +276,15 @@ def _mp4(data: bytes, target: Target) -> tuple[str, list[tuple[dict[str, bytes],
     if not target.reencodes(task):
         span = whole_span(info.duration, info.fps, rate)
         spec = clip_spec(span, info.fps, (_CHECK_SIZE, _CHECK_SIZE), rate or 16_000)
-        decode_av(data, spec, audio=task == "av")  # every frame and audio sample decodes and is there
+        decode_av(data, spec, audio=task == "av", limits=limits)  # every frame and sample decodes
         stored = _without_audio(data) if info.has_audio and task == "video" else data
         stats = {"resolution": f"{info.height}x{info.width}", "duration": info.duration}
         return task, [({"mp4": stored}, stats | ({"sample_rate": rate} if rate else {}))]
-    return task, _reencode_mp4(data, info, task, target)
+    return task, _reencode_mp4(data, info, task, target, limits)
 
 
 def _reencode_mp4(
-    data: bytes, info: MediaInfo, task: str, target: Target
+    data: bytes, info: MediaInfo, task: str, target: Target, limits: DecodeLimits
 ) -> list[tuple[dict[str, bytes], dict]]:
     fps = target.fps or info.fps
     height, width = target.video_size or (info.height - info.height % 2, info.width - info.width % 2)
@@ -263,7 +299,7 @@ def _reencode_mp4(
     out = []
     for first, size in _groups(count, frames * height * width * 3 + samples * channels * 4):
         spec = clip_spec(duration * size, fps, (height, width), rate or 16_000, channels)
-        clip = decode_av(data, spec, start=first * duration, audio=task == "av")
+        clip = decode_av(data, spec, start=first * duration, audio=task == "av", limits=limits)
         for i in range(size):
             video = clip.video[i * frames : (i + 1) * frames]
             audio = None if clip.audio is None else clip.audio[:, i * samples : (i + 1) * samples]

@@ -18,16 +18,20 @@ batch comes from is drawn from RNG (seed, rank, batch index). The state is the b
 task, (epoch, raw samples consumed in the epoch): restoring replays the raw tar stream up to that
 point without decoding, so the next batch is the one an uninterrupted run would have produced.
 
-Faults. A sample that fails to decode or lacks its media or caption is skipped and counted with its key
-and shard (`skipped`), never half-yielded; an unreadable or truncated shard is skipped from the damage
-on. `strict=True` raises instead. More processes than shards is an error at start.
+Faults (`data/streams.py`). A bad sample or shard is skipped and counted with its key and shard, and
+listed in the next batch's `MediaBatch.skipped`; `strict=True` raises instead. More processes than
+shards is an error at start.
+
+Shard set. The state carries a fingerprint of each task's shard list (paths and sizes); resuming into
+another list is a DataError unless `allow_changed_shards` (the saved positions then index a new order).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import tarfile
-import zlib
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,18 +41,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfflow.data.avio import decode_audio, decode_av
-from selfflow.data.decode import FITS, IMAGE_FIELDS, open_image, to_channels
+from selfflow.data.decode import FITS, LIMITS, DecodeLimits
 from selfflow.data.loader import resolve_shards, split_sources
-from selfflow.data.shards import iter_tar_samples
+from selfflow.data.streams import TASK_MODALITIES, DataError, TaskStream
 from selfflow.tokenizers.spec import ClipSpec
-
-TASK_MODALITIES = {"image": ("image",), "video": ("video",), "audio": ("audio",), "av": ("video", "audio")}
-TASK_FIELDS = {"image": IMAGE_FIELDS, "video": ("mp4",), "audio": ("flac", "wav"), "av": ("mp4",)}
-
-
-class DataError(ValueError):
-    """A sample or shard that cannot be used (raised only in strict mode, else counted and skipped)."""
 
 
 @dataclass
@@ -57,149 +53,7 @@ class MediaBatch:
     media: dict[str, Tensor]  # image [B, C, H, W], video [B, C, T, H, W], audio [B, C, N]; float32 in [-1, 1]
     captions: list[str]
     keys: list[str]
-
-
-@dataclass
-class Sample:
-    key: str
-    media: dict[str, np.ndarray]  # per modality, float32, channels first
-    caption: str
-
-
-def decode_sample(raw: dict, task: str, spec: ClipSpec, image_fit: str = "crop") -> Sample:
-    """A raw tar sample {"__key__", field: bytes} -> Sample; DataError naming the problem.
-    Images meet the spec's size by `image_fit`: "crop" (cover, cut the centre) or "pad" (fit inside,
-    extend the border)."""
-    key = str(raw["__key__"])
-    field_name = next((f for f in TASK_FIELDS[task] if f in raw), None)
-    if field_name is None:
-        raise DataError(f"no {'/'.join(TASK_FIELDS[task])} field")
-    caption = raw.get("txt", b"")
-    try:
-        caption = caption.decode("utf-8").strip() if isinstance(caption, bytes) else str(caption).strip()
-    except UnicodeDecodeError as err:
-        raise DataError("caption is not UTF-8") from err
-    if not caption:
-        raise DataError("missing or empty caption")
-    data = raw[field_name]
-    try:
-        if task == "image":
-            img = to_channels(open_image(data), spec.video_channels)
-            pixels = np.asarray(FITS[image_fit](img, spec.image_height, spec.image_width), np.float32)
-            media = {"image": pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1) / 127.5 - 1}
-        elif task == "audio":
-            media = {"audio": decode_audio(data, spec)}
-        else:
-            clip = decode_av(data, spec, video=True, audio=task == "av")
-            media = {"video": clip.video.astype(np.float32).transpose(3, 0, 1, 2) / 127.5 - 1}  # [C, T, H, W]
-            if clip.audio is not None:
-                media["audio"] = clip.audio
-    except ValueError as err:
-        raise DataError(str(err)) from err
-    return Sample(key, media, caption)
-
-
-def _shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
-    """Buffer shuffle: each arriving sample swaps with a random buffered one, which leaves."""
-    buffer: list[dict] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = int(rng.integers(len(buffer)))
-        buffer[i], sample = sample, buffer[i]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-@dataclass
-class TaskStream:
-    """One task's shards for one process (rank, worker): an endless, resumable sample iterator."""
-
-    task: str
-    shards: list[str]
-    spec: ClipSpec
-    seed: int = 0
-    rank: int = 0
-    world: int = 1
-    worker: int = 0
-    workers: int = 1
-    shuffle_buffer: int = 256
-    strict: bool = False
-    image_fit: str = "crop"
-    epoch: int = 0
-    position: int = 0  # raw samples consumed in this epoch, bad ones included
-    skipped: dict[str, str] = field(default_factory=dict)  # "shard:key" -> reason
-    skipped_count: int = 0
-
-    def __post_init__(self) -> None:
-        parts = self.world * self.workers
-        if len(self.shards) < parts:
-            raise ValueError(
-                f"{self.task}: {len(self.shards)} shard(s) for {self.world} rank(s) x {self.workers} "
-                f"worker(s); every process needs a shard (make smaller shards: make_shards --shard-samples)"
-            )
-        self._raw = self._epoch_stream(skip=self.position)
-
-    def _my_shards(self, epoch: int) -> list[str]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        mine = order[self.rank * self.workers + self.worker :: self.world * self.workers]
-        return [self.shards[i] for i in mine]
-
-    def _tar_samples(self, shards: list[str]) -> Iterator[tuple[str, dict]]:
-        for shard in shards:
-            try:
-                for raw in iter_tar_samples(shard):
-                    yield shard, raw
-            except (tarfile.TarError, OSError) as err:
-                self._fault(f"{shard}:*", f"unreadable shard from here on: {err}")
-
-    def _epoch_stream(self, skip: int) -> Iterator[tuple[str, dict]]:
-        salt = zlib.crc32(self.task.encode())
-        rng = np.random.default_rng([self.seed, self.rank, self.worker, self.epoch, salt])
-        tagged = ({"__shard__": s, **raw} for s, raw in self._tar_samples(self._my_shards(self.epoch)))
-        stream = _shuffled(tagged, self.shuffle_buffer, rng) if self.shuffle_buffer > 1 else tagged
-        for _ in range(skip):  # replay to the saved position without decoding
-            if next(stream, None) is None:
-                break
-        return stream
-
-    def _fault(self, where: str, reason: str) -> None:
-        if self.strict:
-            raise DataError(f"{where}: {reason}")
-        self.skipped[where] = reason
-        self.skipped_count += 1
-
-    def __iter__(self) -> TaskStream:
-        return self
-
-    def __next__(self) -> Sample:
-        good = 0  # good samples since this call began reading an epoch from its start
-        fresh = self.position == 0
-        while True:
-            raw = next(self._raw, None)
-            if raw is None:  # end of the epoch
-                if fresh and good == 0:
-                    raise DataError(
-                        f"{self.task}: a whole epoch without a good sample ({self.skipped_count} skipped)"
-                    )
-                self.epoch, self.position, fresh = self.epoch + 1, 0, True
-                self._raw = self._epoch_stream(skip=0)
-                continue
-            self.position += 1
-            try:
-                return decode_sample(raw, self.task, self.spec, self.image_fit)
-            except DataError as err:
-                self._fault(f"{raw['__shard__']}:{raw['__key__']}", str(err))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "skipped_count": self.skipped_count}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.skipped_count = int(state.get("skipped_count", 0))
-        self._raw = self._epoch_stream(skip=self.position)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # ("shard:key", reason) met on the way
 
 
 def available_tasks(shards: str | Path) -> list[str]:
@@ -215,6 +69,23 @@ def available_tasks(shards: str | Path) -> list[str]:
         else:
             found.update(t for t in TASK_MODALITIES if any(folder.glob(f"{t}-*.tar")))
     return [t for t in TASK_MODALITIES if t in found]
+
+
+def shard_fingerprint(paths: list[str]) -> str:
+    """Changes when a shard is added, removed, reordered, renamed or changes size."""
+    listing = [(p, os.path.getsize(p) if os.path.isfile(p) else None) for p in paths]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def check_fingerprints(saved: dict[str, str] | None, current: dict[str, str], allow: bool) -> None:
+    """DataError when a task's shard list differs from the one a saved position was taken in (states
+    written before fingerprints existed pass)."""
+    changed = [t for t in current if saved is not None and saved.get(t, current[t]) != current[t]]
+    if changed and not allow:
+        raise DataError(
+            f"the shard list of task(s) {', '.join(changed)} differs from the checkpoint's: the saved "
+            "data position would index another stream (set data.allow_changed_shards=true to resume anyway)"
+        )
 
 
 def _task_shards(shards: str | Path, task: str) -> list[str]:
@@ -243,6 +114,8 @@ class DataPipeline:
         shuffle_buffer: int = 256,
         strict: bool = False,
         image_fit: str = "crop",
+        limits: DecodeLimits = LIMITS,
+        allow_changed_shards: bool = False,
     ) -> None:
         if image_fit not in FITS:
             raise ValueError(f"image_fit must be one of {', '.join(FITS)}, got {image_fit!r}")
@@ -261,12 +134,15 @@ class DataPipeline:
         )
         self.batch_sizes = {t: int((batch_sizes or {}).get(t, batch_size)) for t in self.tasks}
         self.seed, self.rank, self.worker, self.batches = seed, rank, worker, 0
+        self.allow_changed_shards = allow_changed_shards
         proc = {"rank": rank, "world": world, "worker": worker, "workers": workers, "image_fit": image_fit}
+        lists = {t: _task_shards(shards, t) for t in self.tasks}
+        self.fingerprints = {t: shard_fingerprint(paths) for t, paths in lists.items()}
         self.streams = {
             t: TaskStream(
-                t, _task_shards(shards, t), spec, seed, shuffle_buffer=shuffle_buffer, strict=strict, **proc
+                t, paths, spec, seed, shuffle_buffer=shuffle_buffer, strict=strict, limits=limits, **proc
             )
-            for t in self.tasks
+            for t, paths in lists.items()
         }
 
     def __iter__(self) -> DataPipeline:
@@ -282,21 +158,26 @@ class DataPipeline:
         samples = [next(stream) for _ in range(self.batch_sizes[task])]
         self.batches += 1
         media = {m: torch.from_numpy(np.stack([s.media[m] for s in samples])) for m in TASK_MODALITIES[task]}
-        return MediaBatch(task, media, [s.caption for s in samples], [s.key for s in samples])
+        skipped = [fault for s in self.streams.values() for fault in s.recent]
+        for s in self.streams.values():
+            s.recent = []
+        return MediaBatch(task, media, [s.caption for s in samples], [s.key for s in samples], skipped)
 
     @property
     def skipped_count(self) -> int:
         return sum(s.skipped_count for s in self.streams.values())
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able position: batches drawn and each stream's (epoch, raw position)."""
-        return {"batches": self.batches, "streams": {t: s.state_dict() for t, s in self.streams.items()}}
+        """JSON-able position: batches drawn, each stream's (epoch, raw position), the shard lists' prints."""
+        streams = {t: s.state_dict() for t, s in self.streams.items()}
+        return {"batches": self.batches, "streams": streams, "shards": dict(self.fingerprints)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state["streams"]) != set(self.streams):
-            raise ValueError(
+            raise DataError(
                 f"data state has tasks {sorted(state['streams'])}, the pipeline {sorted(self.streams)}"
             )
+        check_fingerprints(state.get("shards"), self.fingerprints, self.allow_changed_shards)
         self.batches = int(state["batches"])
         for t, s in state["streams"].items():
             self.streams[t].load_state_dict(s)
@@ -328,11 +209,12 @@ class WorkerPipeline:
         pipe = WorkerPipeline(dict(shards="shards/", spec=spec, seed=0), workers=2)
     """
 
-    def __init__(self, kwargs: dict[str, Any], workers: int) -> None:
+    def __init__(self, kwargs: dict[str, Any], workers: int, timeout: float = 600.0) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self.kwargs, self.workers = kwargs, workers
-        DataPipeline(**kwargs, worker=workers - 1, workers=workers)  # fail now on too few shards / bad tasks
+        self.kwargs, self.workers, self.timeout = kwargs, workers, timeout
+        probe = DataPipeline(**kwargs, worker=workers - 1, workers=workers)  # fail now on too few shards
+        self.fingerprints = probe.fingerprints
         self.states: list[dict | None] = [None] * workers
         self.count = 0  # batches delivered
         self._loader: Iterator | None = None
@@ -342,7 +224,12 @@ class WorkerPipeline:
         first = self.count % self.workers
         dataset = _WorkerStream(self.kwargs, self.workers, first, self.states)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self.workers, persistent_workers=False, prefetch_factor=2
+            dataset,
+            batch_size=None,
+            num_workers=self.workers,
+            persistent_workers=False,
+            prefetch_factor=2,
+            timeout=self.timeout,
         )
         return iter(loader)
 
@@ -352,7 +239,14 @@ class WorkerPipeline:
     def __next__(self) -> MediaBatch:
         if self._loader is None:
             self._loader = self._start()
-        batch, state = next(self._loader)
+        try:
+            batch, state = next(self._loader)
+        except DataError as err:  # raised in a worker: the DataLoader adds the worker's traceback
+            raise DataError(_last_line(err)) from err
+        except RuntimeError as err:  # a worker died (killed, crashed) or sent nothing for `timeout` s
+            raise DataError(
+                f"data loader: {_last_line(err)} (data.worker_timeout_s={self.timeout:g})"
+            ) from err
         self.states[self.count % self.workers] = state
         self.count += 1
         self.skipped_count = sum(
@@ -365,5 +259,16 @@ class WorkerPipeline:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["workers"]) != self.workers:
-            raise ValueError(f"data state is for {state['workers']} workers, this run has {self.workers}")
+            raise DataError(f"data state is for {state['workers']} workers, this run has {self.workers}")
+        allow = bool(self.kwargs.get("allow_changed_shards", False))
+        for worker_state in state["states"]:
+            if worker_state is not None:
+                check_fingerprints(worker_state.get("shards"), self.fingerprints, allow)
         self.count, self.states, self._loader = int(state["count"]), list(state["states"]), None
+
+
+def _last_line(err: BaseException) -> str:
+    """The message of an error re-raised from a DataLoader worker is its traceback: keep the last line,
+    without the exception's module path."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1] if lines else type(err).__name__)

@@ -223,13 +223,35 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{key}" if folder else key), field.lower()
 
 
-def iter_tar_samples(path: str | Path) -> Iterator[dict[str, str | bytes]]:
+class _CheckedInfo(tarfile.TarInfo):
+    """Remembers a damaged header on its TarFile: tarfile ends a stream quietly on a header that is
+    cut short, missing or garbled anywhere but at offset 0, which would pass a damaged shard as a
+    short one."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:  # the end-of-archive marker: a clean end
+            raise
+        except tarfile.HeaderError as err:
+            kind = {"EmptyHeaderError": "ends without the end-of-archive marker"}.get(
+                type(err).__name__, f"has a damaged tar header ({err})"
+            )
+            tarfile_.damage = f"shard {kind} at byte {tarfile_.offset}"  # type: ignore[attr-defined]
+            raise
+
+
+def iter_tar_samples(
+    path: str | Path, max_member_bytes: int | None = None
+) -> Iterator[dict[str, str | bytes]]:
     """Stream the samples of one shard as {"__key__": key, field: bytes, ...}.
 
-    Consecutive members with the same key form a sample. Raises tarfile.TarError or OSError if the
-    file is unreadable or truncated (after yielding the samples before the damage).
+    Consecutive members with the same key form a sample. A member over `max_member_bytes` is not read:
+    its sample carries "__error__" instead. Raises tarfile.TarError or OSError if the file is
+    unreadable or truncated anywhere, a header included (after yielding the samples before the damage).
     """
-    with tarfile.open(path, mode="r|") as tar:
+    with tarfile.open(path, mode="r|", tarinfo=_CheckedInfo) as tar:
         sample: dict[str, str | bytes] | None = None
         for member in tar:
             parts = _split_name(member.name) if member.isfile() else None
@@ -240,6 +262,12 @@ def iter_tar_samples(path: str | Path) -> Iterator[dict[str, str | bytes]]:
                 if sample is not None:
                     yield sample
                 sample = {"__key__": key}
+            if max_member_bytes is not None and member.size > max_member_bytes:
+                sample.setdefault("__error__", f"field {field} is {member.size} bytes, over the limit")
+                continue
             sample[field] = tar.extractfile(member).read()
         if sample is not None:
             yield sample
+        damage = getattr(tar, "damage", None)
+    if damage is not None:
+        raise tarfile.ReadError(damage)

@@ -26,7 +26,7 @@ from selfflow.configs.schema import Config
 from selfflow.data.benchmark.classes import balanced_indices
 from selfflow.data.decode import png_bytes
 from selfflow.data.packaged import FASHION_MNIST_CLASSES, fashion_mnist_caption, load_fashion_mnist
-from selfflow.data.pipeline import decode_sample
+from selfflow.data.streams import decode_sample
 from selfflow.models import flow
 from selfflow.models.factory import TextConditioner, build_media_tokenizer, build_text_conditioner
 from selfflow.models.mmdit import MMDiT

@@ -26,7 +26,7 @@ import torch
 
 from selfflow.configs.schema import Config
 from selfflow.data.benchmark.common import Item
-from selfflow.data.pipeline import decode_sample
+from selfflow.data.streams import decode_sample
 from selfflow.inference.pipeline import Generator, to_uint8
 from selfflow.metrics import avsync, fid, ocr, temporal
 from selfflow.tools import make_benchmark

@@ -25,8 +25,9 @@ from selfflow.data.packaged import (
     load_fashion_mnist,
     with_article,
 )
-from selfflow.data.pipeline import DataPipeline, TaskStream
+from selfflow.data.pipeline import DataPipeline
 from selfflow.data.shards import MTIME, ShardWriter, iter_tar_samples, sha256_file
+from selfflow.data.streams import TaskStream
 from selfflow.tokenizers.spec import ClipSpec
 from selfflow.tools import make_benchmark
 

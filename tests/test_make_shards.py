@@ -396,7 +396,7 @@ def test_latents_are_the_codec_encoding_of_what_training_decodes(inputs: Path, t
     import diffusers
     import torch
 
-    from selfflow.data.pipeline import decode_sample
+    from selfflow.data.streams import decode_sample
     from selfflow.tokenizers.codecs import DiffusersAutoencoder
 
     torch.manual_seed(0)

@@ -15,7 +15,8 @@ import torch
 
 from selfflow.configs import load_config
 from selfflow.data.loader import resolve_shards
-from selfflow.data.pipeline import DataError, DataPipeline, TaskStream, WorkerPipeline
+from selfflow.data.pipeline import DataError, DataPipeline, WorkerPipeline
+from selfflow.data.streams import TaskStream
 
 SPEC = load_config("tiny").spec  # 1 s, 8 fps, 32x32, 16 kHz mono
 BAD = {"av_bad_trunc", "av_bad_nocap", "audio_bad_empty"}
@@ -224,7 +225,7 @@ def test_pad_fit_letterboxes_images_with_their_border():
     from PIL import Image
 
     from selfflow.data.decode import png_bytes
-    from selfflow.data.pipeline import decode_sample
+    from selfflow.data.streams import decode_sample
 
     spec = load_config("default").spec  # images 32x64
     pixels = np.zeros((32, 32, 3), np.uint8)

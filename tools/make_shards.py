@@ -24,14 +24,14 @@ happened (given a deterministic encoder: see `data/avio.py`).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -40,7 +40,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from selfflow.data.atomic import write_atomic
-from selfflow.data.decode import parse_size
+from selfflow.data.decode import LIMITS, DecodeLimits, parse_size
 from selfflow.data.inputs import Entry, Skip, fingerprint, scan_inputs
 from selfflow.data.latents import LatentOptions, check_latents
 from selfflow.data.packing import TASKS, Outcome, Prepared, Target, prepare
@@ -64,6 +64,9 @@ class _Run:
     latents: LatentOptions | None = None
     workers: int = 1
     quiet: bool = False
+    limits: DecodeLimits = LIMITS
+    timeout: float = 600.0  # seconds a pool worker may take for one input
+    work: Callable[..., Outcome] = prepare  # entry -> Outcome (tests give one that dies)
 
     def plan(self) -> list[Outcome | None]:
         """Per entry, its logged outcome if nothing of it needs writing again, else None (prepare it)."""
@@ -83,16 +86,15 @@ class _Run:
     def outcomes(self, planned: list[Outcome | None]) -> Iterator[tuple[Outcome, bool]]:
         """(outcome, fresh) in input order: planned ones as they are, the others prepared now."""
         todo = [e for e, p in zip(self.entries, planned, strict=True) if p is None]
-        work = partial(prepare, target=self.target, latents=self.latents)
-        with contextlib.ExitStack() as stack:
-            if self.workers > 1 and len(todo) > 1:  # imap keeps the input order
-                pool = stack.enter_context(
-                    multiprocessing.get_context("spawn").Pool(min(self.workers, len(todo)))
-                )
-                fresh = pool.imap(work, todo)
-            else:
-                fresh = map(work, todo)
+        work = partial(self.work, target=self.target, latents=self.latents, limits=self.limits)
+        if self.workers > 1 and len(todo) > 1:
+            fresh = _pooled(work, todo, min(self.workers, len(todo)), self.timeout)
+        else:
+            fresh = map(work, todo)
+        try:
             yield from ((p, False) if p is not None else (next(fresh), True) for p in planned)
+        finally:
+            getattr(fresh, "close", lambda: None)()  # stops the pool
 
     def write(self) -> tuple[list[Skip], list[Outcome]]:
         """Feed every outcome to its task's shards; returns the rejected inputs and the accepted outcomes."""
@@ -123,6 +125,37 @@ class _Run:
         return skips, accepted
 
 
+def _pooled(
+    work: Callable[[Entry], Outcome], entries: list[Entry], workers: int, timeout: float
+) -> Iterator[Outcome]:
+    """`work` over a spawn pool, in input order, a few inputs ahead. An input without a result after
+    `timeout` seconds (its worker was killed, e.g. for memory, or hangs) becomes a rejected Outcome;
+    the pool is then replaced and the inputs in flight are given to the new one."""
+    context = multiprocessing.get_context("spawn")
+    queue, pending = iter(entries), deque()
+    pool = context.Pool(workers)
+    try:
+        while True:
+            while len(pending) < 2 * workers and (entry := next(queue, None)) is not None:
+                pending.append((entry, pool.apply_async(work, (entry,))))
+            if not pending:
+                return
+            entry, result = pending.popleft()
+            try:
+                outcome = result.get(timeout)
+            except multiprocessing.TimeoutError:
+                pool.terminate()
+                pool.join()
+                reason = f"no result within {timeout:g}s (the worker died, e.g. killed for memory, or hung)"
+                outcome = Outcome(entry.key, str(entry.media), reason=reason)
+                pool = context.Pool(workers)
+                pending = deque((e, pool.apply_async(work, (e,))) for e, _ in pending)
+            yield outcome
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def check_output(output: Path, source: Path) -> None:
     if output.resolve() == source.resolve():
         raise ValueError(f"--output {output} must differ from --input")
@@ -134,7 +167,7 @@ def check_output(output: Path, source: Path) -> None:
         raise ValueError(f"cannot write to output folder {output}: {err.strerror or err}") from err
 
 
-def build(args: argparse.Namespace) -> str:
+def build(args: argparse.Namespace, work: Callable[..., Outcome] = prepare) -> str:
     """Scan, validate, write shards, skipped.jsonl and manifest.json; returns a summary line."""
     began = time.perf_counter()
     entries, skips = scan_inputs(args.input)
@@ -142,6 +175,7 @@ def build(args: argparse.Namespace) -> str:
     (args.output / MANIFEST).unlink(missing_ok=True)  # written again at the end; until then, none is true
     limits = ShardLimits(args.shard_samples, args.shard_mb)
     options = {"format": FORMAT, "target": asdict(args.target), "limits": asdict(limits)}
+    options["decode_limits"] = asdict(args.limits)  # other limits may accept other inputs
     if args.latent_options is not None:
         check_latents(args.latent_options)
         options["latents"] = args.latent_options.stamp()
@@ -152,6 +186,7 @@ def build(args: argparse.Namespace) -> str:
     }
     try:
         run = _Run(entries, args.target, progress, sets, args.latent_options, args.workers, args.quiet)
+        run = replace(run, limits=args.limits, timeout=args.timeout, work=work)
         failed, accepted = run.write()
         shards = {task: infos for task, s in sets.items() if (infos := s.close())}
     finally:
@@ -238,6 +273,19 @@ def _parser() -> _Parser:
         help="also store latents from this diffusers autoencoder folder (needs --spec; repeat for audio)",
     )
     p.add_argument("--workers", type=_positive(int), default=1, help="processes decoding / encoding inputs")
+    p.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=600.0,
+        help="seconds one input may take in a worker (--workers > 1) before it is skipped",
+    )
+    p.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a decoding limit (data.limits.KEY of the config, e.g. max_duration_s=7200); repeatable",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verify", action="store_true", help="re-read the shards and check the manifest")
     return p
@@ -291,8 +339,24 @@ def _check_target(target: Target) -> str | None:
     return None
 
 
+def _limits(items: list[str], base: DecodeLimits) -> DecodeLimits:
+    """`--limit key=value` pairs over `base` (the preset's data.limits, or the defaults)."""
+    changes = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        default = getattr(base, key.strip(), None)
+        if not value or default is None or key.startswith("_"):
+            names = ", ".join(f.name for f in dataclasses.fields(DecodeLimits))
+            raise ValueError(f"--limit {item!r} is not KEY=VALUE with KEY one of {names}")
+        if isinstance(default, list):
+            changes[key.strip()] = [v.strip() for v in value.split(",") if v.strip()]
+        else:
+            changes[key.strip()] = type(default)(value)
+    return dataclasses.replace(base, **changes)
+
+
 def _args_record(args: argparse.Namespace) -> dict:
-    skip = ("target", "latent_options", "quiet", "verify", "workers")
+    skip = ("target", "latent_options", "limits", "quiet", "verify", "workers", "timeout")
     record = {k: v for k, v in vars(args).items() if k not in skip}
     for key in ("size", "video_size"):
         record[key] = None if record[key] is None else "{}x{}".format(*record[key])
@@ -309,8 +373,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.spec is not None:
             from selfflow.configs import load_config  # local import: configs pull in torch (seconds)
 
-            spec = load_config(args.spec).spec
+            cfg = load_config(args.spec)
+            spec = cfg.spec
         args.target = _target(args, spec)
+        args.limits = _limits(args.limit, base=cfg.data.limits if args.spec is not None else LIMITS)
         problem = _check_target(args.target)
         if problem:
             parser.error(problem)

@@ -198,8 +198,12 @@ def build_data(cfg: Config, dist: Dist = SINGLE) -> DataPipeline | WorkerPipelin
         shuffle_buffer=d.shuffle_buffer,
         strict=d.strict,
         image_fit=d.image_fit,
+        limits=d.limits,
+        allow_changed_shards=d.allow_changed_shards,
     )
-    return WorkerPipeline(kwargs, d.num_workers) if d.num_workers > 0 else DataPipeline(**kwargs)
+    if d.num_workers > 0:
+        return WorkerPipeline(kwargs, d.num_workers, timeout=d.worker_timeout_s)
+    return DataPipeline(**kwargs)
 
 
 def data_stream(
