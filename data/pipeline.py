@@ -185,7 +185,9 @@ class DataPipeline:
 
 class _WorkerStream(torch.utils.data.IterableDataset):
     """Inside DataLoader worker i: the DataPipeline of logical worker (first + i) % workers, yielding
-    (batch, its state after the batch)."""
+    (batch, its state after the batch). Media travel as numpy arrays, pickled through the worker's pipe:
+    a tensor would be shared by passing a file descriptor over a socket the worker serves, and a worker
+    that stalls then hangs the main process for ever, past the DataLoader's timeout."""
 
     def __init__(self, kwargs: dict[str, Any], workers: int, first: int, states: list | None) -> None:
         super().__init__()
@@ -198,7 +200,12 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         if self.states is not None and self.states[logical] is not None:
             pipe.load_state_dict(self.states[logical])
         for batch in pipe:
+            batch.media = {m: x.numpy() for m, x in batch.media.items()}
             yield batch, pipe.state_dict()
+
+
+def _as_is(item: Any) -> Any:
+    return item
 
 
 class WorkerPipeline:
@@ -230,6 +237,7 @@ class WorkerPipeline:
             persistent_workers=False,
             prefetch_factor=2,
             timeout=self.timeout,
+            collate_fn=_as_is,
         )
         return iter(loader)
 
@@ -247,6 +255,7 @@ class WorkerPipeline:
             raise DataError(
                 f"data loader: {_last_line(err)} (data.worker_timeout_s={self.timeout:g})"
             ) from err
+        batch.media = {m: torch.from_numpy(x) for m, x in batch.media.items()}
         self.states[self.count % self.workers] = state
         self.count += 1
         self.skipped_count = sum(
