@@ -136,6 +136,9 @@ class TrainConfig:
     preempt_signals: list[str] = field(
         default_factory=lambda: ["SIGTERM"]
     )  # save at the step boundary, exit 0
+    # checkpoints exist under run.dir but none is usable: false stops the run (exit 2); true starts again
+    # at step 0 after moving them and metrics.jsonl to run.dir/unusable-<time>/. A usable one is resumed.
+    restart: bool = False
 
     def __post_init__(self) -> None:
         if (

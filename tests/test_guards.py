@@ -18,7 +18,7 @@ import torch
 from selfflow.configs import ConfigError, load_config
 from selfflow.training import checkpoint as ckpt_io
 from selfflow.training.guards import Preemption, signal_number
-from selfflow.training.loop import build_trainer, make_batch, train_step
+from selfflow.training.loop import build_trainer, make_batch, train, train_step
 from selfflow.training.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,3 +161,75 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint(tmp_path):
         root, 3, {"model": {"w": torch.zeros(4)}}, {}, {}, load_config("tiny"), keep_last=2
     )
     assert not list(root.glob(".tmp-*"))  # the next save clears the half-written one
+
+
+# ---------------------------------------------------------------- damaged checkpoints on resume
+
+
+def _short_run(shards: Path, run: Path, steps: int) -> Path:
+    """A finished run of `steps` steps with a checkpoint every 2; returns its checkpoints folder."""
+    train(_cfg(shards, run, f"train.max_steps={steps}", "train.ckpt_every=2", "train.keep_last=0"), False)
+    return run / "checkpoints"
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_resume_skips_a_damaged_newer_checkpoint_and_says_why(fmnist_shards, tmp_path):
+    run = tmp_path / "run"
+    model = _short_run(fmnist_shards, run, 4) / "step_00000004" / "model.safetensors"
+    size = model.stat().st_size
+    model.write_bytes(b"")  # what a power cut can leave of a file renamed before it reached the disk
+    cmd = [*_main(fmnist_shards, run), "train.max_steps=6", "train.ckpt_every=2", "train.keep_last=0"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reason = f"step_00000004: model.safetensors is 0 bytes, manifest says {size}"
+    assert reason in done.stderr
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r for r in rows if r.get("event")] == [
+        {"step": 2, "event": "checkpoint_skipped", "reason": reason}
+    ]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # 3 and 4 again, once each
+    assert ckpt_io.check_checkpoint(model.parent) is None  # written again by the resumed run
+
+
+def test_no_usable_checkpoint_stops_the_run_unless_restart_is_set(fmnist_shards, tmp_path):
+    run = tmp_path / "run"
+    model = _short_run(fmnist_shards, run, 2) / "step_00000002" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # a full disk, say
+    before = _files(run)
+    cmd = [*_main(fmnist_shards, run), "train.max_steps=3"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "none is usable" in done.stderr and "train.restart=true" in done.stderr
+    assert "step_00000002: model.safetensors is" in done.stderr
+    assert _files(run) == before  # not a byte changed: metrics.jsonl, checkpoints, config
+    again = subprocess.run(
+        [*cmd, "train.restart=true"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == 3
+    (aside,) = run.glob("unusable-*")
+    assert _files(aside) == {k: v for k, v in before.items() if k.startswith(("checkpoints", "metrics"))}
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["event"] for r in rows[:2]] == ["checkpoint_skipped", "restarted"]
+    assert rows[1] == {"step": 0, "event": "restarted", "moved_to": str(aside)}
+    assert [r["step"] for r in rows[2:]] == [1, 2, 3]
+
+
+def test_a_damaged_checkpoint_that_passes_the_size_check_exits_2_naming_the_file(fmnist_shards, tmp_path):
+    run = tmp_path / "run"
+    model = _short_run(fmnist_shards, run, 2) / "step_00000002" / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[8:24] = b"\x00" * 16  # the JSON header of the safetensors file, same size
+    model.write_bytes(bytes(data))
+    done = subprocess.run(
+        [*_main(fmnist_shards, run), "train.max_steps=3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert str(model) in done.stderr and "Traceback" not in done.stderr

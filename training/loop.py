@@ -32,13 +32,12 @@ from selfflow.models.factory import (
     build_text_conditioner,
 )
 from selfflow.tokenizers.media import MediaTokenizer
-from selfflow.training import checkpoint as ckpt_io
 from selfflow.training import distributed as dist_io
 from selfflow.training.distributed import SINGLE, Dist, any_rank, full_parameters
 from selfflow.training.ema import EMA, make_emas, update_all
 from selfflow.training.guards import NonFiniteError, Preemption
 from selfflow.training.objectives import OBJECTIVES, Batch, Models, ObjectiveOutput, make_head
-from selfflow.training.saving import restore, save
+from selfflow.training.saving import ResumePlan, restore, resume_plan, save
 from selfflow.training.tracking import MetricMeter, RunLogger
 
 TEACHER_OBJECTIVES = ("self_flow", "sra")
@@ -268,25 +267,27 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
         )
     dist, device = dist_io.init_dist(cfg, pick_device(cfg.train.device))
     try:
-        summary = _train(build_trainer(cfg, device, dist), progress and dist.is_main)
+        plan = resume_plan(cfg, dist)
+        summary = _train(build_trainer(cfg, device, dist), plan, progress and dist.is_main)
         dist_io.barrier(dist)  # no rank tears the group down while another still talks to it
         return summary
     finally:
         dist_io.shutdown(dist)
 
 
-def _train(tr: Trainer, progress: bool) -> dict[str, Any]:
+def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
     cfg, run_dir, main = tr.cfg, Path(tr.cfg.run.dir), tr.dist.is_main
     tr.data = build_data(cfg, tr.dist)
-    latest = ckpt_io.latest_checkpoint(run_dir / "checkpoints")
-    if latest is not None:
-        restore(tr, latest)
+    if plan.ckpt is not None:
+        restore(tr, plan.ckpt)
     if main:
         save_config(cfg, run_dir / "config.yaml")
-    summary = {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(latest), "preempted": None}
+    summary = {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(plan.ckpt), "preempted": None}
     if tr.step >= cfg.train.max_steps:
         return {**summary, "last": {"step": tr.step}}
     logger = RunLogger(run_dir, resume_step=tr.step) if main else dist_io.QuietLogger()
+    for event in plan.events():
+        logger.log(tr.step, event)
     meter = MetricMeter(cfg.train.t_bins, tr.device)
     sampler = Generator(cfg, tr.ema.model, tr.device, cfg.train.precision, tr.media, tr.encode_text)
     bar = tqdm(total=cfg.train.max_steps, initial=tr.step, disable=not progress, desc=cfg.objective.name)
