@@ -217,3 +217,42 @@ def test_a_damaged_file_that_passes_the_size_check_is_a_checkpoint_error(tmp_pat
     (final / "state.json").write_text(json.dumps({"k": 1, "step": 10}))
     with pytest.raises(ckpt_io.CheckpointError, match="trainer.pt is damaged"):
         ckpt_io.load_state(final)
+
+
+def _rows(*steps: int) -> str:
+    return "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in steps)
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_rewritten_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(_rows(10, 20) + '{"step": 30, "lo')  # killed mid-append
+    assert [r["step"] for r in read_metrics(path)] == [10, 20]
+    logger = RunLogger(tmp_path, resume_step=20, tensorboard=False)
+    assert path.read_text() == _rows(10, 20)  # rewritten before anything is appended
+    logger.log(30, {"loss": 0.5})
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(10, 1.0), (20, 1.0), (30, 0.5)]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_last_row_without_its_newline_is_not_merged_with_the_next(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(_rows(10, 20).rstrip("\n"))  # killed between the row and its newline
+    RunLogger(tmp_path, resume_step=20, tensorboard=False).log(30, {"loss": 0.5})
+    assert [r["step"] for r in read_metrics(path)] == [10, 20, 30]
+
+
+def test_a_damaged_metrics_line_in_the_middle_is_an_error_naming_it(tmp_path):
+    from selfflow.training.tracking import MetricsError
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(_rows(10) + '{"step": 20, "lo\n' + _rows(30))
+    with pytest.raises(MetricsError, match="line 2 is not a JSON row"):
+        read_metrics(path)
+
+
+def test_the_benchmark_reads_a_log_with_a_torn_last_line(tmp_path):
+    from selfflow.tools.benchmark import rep_cos_curve
+
+    rows = "".join(json.dumps({"step": s, "rep_cos": s / 100}) + "\n" for s in (5, 10))
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 15, "rep_c')
+    assert rep_cos_curve(tmp_path) == [[5, 0.05], [10, 0.1]]

@@ -233,3 +233,14 @@ def test_a_damaged_checkpoint_that_passes_the_size_check_exits_2_naming_the_file
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert str(model) in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_run_resumes_over_a_torn_last_metrics_line(fmnist_shards, tmp_path):
+    run = tmp_path / "run"
+    _short_run(fmnist_shards, run, 2)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 0.12')  # the append a kill cut short
+    train(_cfg(fmnist_shards, run, "train.max_steps=3", "train.ckpt_every=2"), False)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and "loss" in rows[-1]
+    assert (run / "metrics.jsonl").read_text().count("\n") == 3

@@ -20,7 +20,8 @@ consecutive NaN/Inf steps (none of which was applied). Exit 2 prints one line `e
   under run.dir none of which is usable (without train.restart=true);
 - FileNotFoundError: missing shards or files;
 - DataError (selfflow.data.pipeline): a bad sample under data.strict, or unusable shards;
-- CheckpointError / SafetensorError: a checkpoint file that passed the size check but cannot be read.
+- CheckpointError / SafetensorError: a checkpoint file that passed the size check but cannot be read;
+- MetricsError: a damaged line (not the last) in run.dir/metrics.jsonl.
 Anything else is a bug and keeps its traceback.
 """
 
@@ -55,8 +56,9 @@ def _bad_input() -> tuple[type[BaseException], ...]:
 
     from selfflow.data.pipeline import DataError
     from selfflow.training.checkpoint import CheckpointError
+    from selfflow.training.tracking import MetricsError
 
-    return (*BAD_INPUT, DataError, CheckpointError, SafetensorError)
+    return (*BAD_INPUT, DataError, CheckpointError, SafetensorError, MetricsError)
 
 
 def _fail(e: BaseException, code: int) -> int:
