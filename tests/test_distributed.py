@@ -259,6 +259,23 @@ def test_sigterm_to_one_rank_saves_and_stops_every_rank(shards, tmp_path):
     assert all(p.is_file() for r in (0, 1) for p in ckpt_io.rank_files(ckpt, r))
 
 
+@pytest.mark.slow
+def test_every_rank_stops_when_the_run_dir_is_in_use(shards, tmp_path, hold_run_lock):
+    """Rank 0 cannot lock run.dir: both ranks exit 2 (none waits in a collective for the other)."""
+    run = tmp_path / "run"
+    holder = hold_run_lock(run)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *_main_args(shards, run, "train.max_steps=2")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out[-3000:]
+    assert f"error: run.dir {run} is in use by pid {holder.pid}" in out, out[-3000:]
+    assert "error: run.dir" in out and "rank 0 could not lock it" in out, out[-3000:]
+    assert "exitcode  : 2" in out and "exitcode  : 1" not in out, out[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no metrics, config or checkpoints
+
+
 # ---------------------------------------------------------------- worker side (run under torchrun)
 
 

@@ -244,3 +244,33 @@ def test_a_run_resumes_over_a_torn_last_metrics_line(fmnist_shards, tmp_path):
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and "loss" in rows[-1]
     assert (run / "metrics.jsonl").read_text().count("\n") == 3
+
+
+# ---------------------------------------------------------------- one job per run.dir
+
+
+def _tree(run: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every folder (None) under `run`."""
+    return {str(p.relative_to(run)): p.read_bytes() if p.is_file() else None for p in sorted(run.rglob("*"))}
+
+
+def test_a_second_launch_into_a_live_run_exits_2_touching_nothing(fmnist_shards, tmp_path, hold_run_lock):
+    import socket
+
+    run = tmp_path / "run"
+    _short_run(fmnist_shards, run, 2)
+    (run / "checkpoints" / ".tmp-step_00000004-x").mkdir()  # the live run's save in progress
+    holder = hold_run_lock(run)
+    before = _tree(run)
+    cmd = [*_main(fmnist_shards, run), "train.max_steps=3"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: run.dir {run} is in use by pid {holder.pid} on host ")
+    assert socket.gethostname() in done.stderr and "(since 20" in done.stderr
+    assert _tree(run) == before
+    holder.kill()  # dies without releasing anything: its lock dies with it
+    holder.wait(timeout=60)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == 3
+    assert (run / ".lock").read_text() == ""  # released on exit, record cleared

@@ -37,6 +37,7 @@ from selfflow.training.distributed import SINGLE, Dist, any_rank, full_parameter
 from selfflow.training.ema import EMA, make_emas, update_all
 from selfflow.training.guards import NonFiniteError, Preemption
 from selfflow.training.objectives import OBJECTIVES, Batch, Models, ObjectiveOutput, make_head
+from selfflow.training.runlock import hold_run_dir
 from selfflow.training.saving import ResumePlan, restore, resume_plan, save
 from selfflow.training.tracking import MetricMeter, RunLogger
 
@@ -258,18 +259,20 @@ def _stop_signal(tr: Trainer, stop: Preemption) -> str | None:
 
 
 def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """Train to `train.max_steps`, resuming from the latest complete checkpoint under `run.dir`. A
-    preemption signal (`train.preempt_signals`) saves at the next step boundary and returns. Under
-    torchrun / the deepspeed launcher every rank runs this; rank 0 logs, draws samples and prints."""
+    """Train to `train.max_steps`, resuming from the latest complete checkpoint under `run.dir`, which
+    the run locks (RunLocked when another job holds it). A preemption signal (`train.preempt_signals`)
+    saves at the next step boundary and returns. Under torchrun / the deepspeed launcher every rank runs
+    this; rank 0 locks, logs, draws samples and prints."""
     if not cfg.data.shards:
         raise ConfigError(
             "data.shards is empty: build shards with tools/make_shards.py, then data.shards=DIR"
         )
     dist, device = dist_io.init_dist(cfg, pick_device(cfg.train.device))
     try:
-        plan = resume_plan(cfg, dist)
-        summary = _train(build_trainer(cfg, device, dist), plan, progress and dist.is_main)
-        dist_io.barrier(dist)  # no rank tears the group down while another still talks to it
+        with hold_run_dir(cfg.run.dir, dist, device):  # before anything under run.dir is touched
+            plan = resume_plan(cfg, dist)
+            summary = _train(build_trainer(cfg, device, dist), plan, progress and dist.is_main)
+            dist_io.barrier(dist)  # no rank tears the group down while another still talks to it
         return summary
     finally:
         dist_io.shutdown(dist)

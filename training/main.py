@@ -21,7 +21,9 @@ consecutive NaN/Inf steps (none of which was applied). Exit 2 prints one line `e
 - FileNotFoundError: missing shards or files;
 - DataError (selfflow.data.pipeline): a bad sample under data.strict, or unusable shards;
 - CheckpointError / SafetensorError: a checkpoint file that passed the size check but cannot be read;
-- MetricsError: a damaged line (not the last) in run.dir/metrics.jsonl.
+- MetricsError: a damaged line (not the last) in run.dir/metrics.jsonl;
+- RunLocked: run.dir is in use by another live run (the message names its pid, host and start time);
+  with several processes every rank stops with it.
 Anything else is a bug and keeps its traceback.
 """
 
@@ -56,9 +58,10 @@ def _bad_input() -> tuple[type[BaseException], ...]:
 
     from selfflow.data.pipeline import DataError
     from selfflow.training.checkpoint import CheckpointError
+    from selfflow.training.runlock import RunLocked
     from selfflow.training.tracking import MetricsError
 
-    return (*BAD_INPUT, DataError, CheckpointError, SafetensorError, MetricsError)
+    return (*BAD_INPUT, DataError, CheckpointError, SafetensorError, MetricsError, RunLocked)
 
 
 def _fail(e: BaseException, code: int) -> int:
