@@ -274,3 +274,17 @@ def test_a_second_launch_into_a_live_run_exits_2_touching_nothing(fmnist_shards,
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == 3
     assert (run / ".lock").read_text() == ""  # released on exit, record cleared
+
+
+def test_shards_without_a_usable_sample_exit_2_with_one_line(tmp_path):
+    """The data pipeline's DataError is bad input, like a bad config: one line, exit 2."""
+    from selfflow.data.shards import ShardWriter
+
+    (tmp_path / "shards").mkdir()
+    with ShardWriter(tmp_path / "shards", "audio", max_samples=2) as w:
+        for i in range(3):
+            w.write({"__key__": f"bad_{i}", "flac": b"not a flac file", "txt": "static"})
+    cmd = _main(tmp_path / "shards", tmp_path / "run")
+    done = subprocess.run([*cmd, "train.max_steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: audio: a whole epoch without a good sample")
