@@ -220,8 +220,13 @@ class DistConfig:
     zero_stage: int = 2  # deepspeed only: 0 (replicated), 2 (optimizer + gradients sharded), 3 (+ parameters)
     deepspeed_config: str = ""  # optional JSON file whose keys override the generated DeepSpeed config
     backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    # seconds a collective (all-reduce, barrier) may wait for the other ranks before it fails instead
+    # of hanging: a rank that died or stalls (a long save on a slow disk counts) stops the whole job
+    timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ConfigError(f"dist.timeout_s must be > 0 seconds, got {self.timeout_s}")
         if self.engine not in DIST_ENGINES:
             raise ConfigError(f"dist.engine {self.engine!r} is not one of {DIST_ENGINES}")
         if self.zero_stage not in (0, 2, 3):
