@@ -288,3 +288,48 @@ def test_shards_without_a_usable_sample_exit_2_with_one_line(tmp_path):
     done = subprocess.run([*cmd, "train.max_steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("error: audio: a whole epoch without a good sample")
+
+
+# ---------------------------------------------------------------- preemption during a sample grid
+
+
+def test_the_generator_stops_within_one_model_forward(tiny_cfg, tiny_model):
+    from selfflow.inference.pipeline import Generator
+    from selfflow.inference.samplers import SamplingStopped
+
+    forwards = []
+    tiny_model.register_forward_hook(lambda *_: forwards.append(1))
+    gen = Generator(tiny_cfg, tiny_model)
+    with pytest.raises(SamplingStopped):  # CFG: a conditional and an unconditional forward per step
+        gen.generate(["a bag"], [0], steps=100, cfg_scale=3.0, should_stop=lambda: len(forwards) >= 5)
+    assert len(forwards) == 5
+
+
+def test_a_signal_during_a_sample_grid_stops_it_and_saves(fmnist_shards, tmp_path):
+    """Grids every 2 steps, each of many sampler steps. The first (step 2) runs to its end and shows how
+    long a grid takes; SIGTERM during the second (step 4) abandons it: the run saves step 4 and exits 0
+    in a fraction of that time, with no grid for step 4."""
+    run = tmp_path / "run"
+    cmd = [*_main(fmnist_shards, run), "train.max_steps=6", "train.ckpt_every=1000", "sample.every=2",
+           "sample.steps=800"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+
+    def logged(step: int) -> float:
+        _wait_for(lambda: metrics.is_file() and any(r["step"] >= step for r in read_metrics(metrics)))
+        return time.monotonic()
+
+    grid_started = logged(2)  # rows are logged before that step's grid is drawn
+    grid_time = logged(3) - grid_started
+    logged(4)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    out, err = proc.communicate(timeout=300)
+    stopping_time = time.monotonic() - signalled
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["preempted"] == "SIGTERM" and summary["step"] == 4
+    assert ckpt_io.latest_checkpoint(run / "checkpoints").name == ckpt_io.checkpoint_name(4)
+    assert (run / "samples" / "step_00000002.png").is_file()
+    assert not (run / "samples" / "step_00000004.png").exists() and not list((run / "samples").glob(".*"))
+    assert stopping_time < grid_time / 3, (stopping_time, grid_time)

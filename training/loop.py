@@ -13,7 +13,7 @@ fp32. Counters are device tensors until a log interval (`training/tracking.py`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from selfflow.configs.schema import Config, ConfigError, save_config
 from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, WorkerPipeline
 from selfflow.inference.pipeline import Generator, autocast, image_grid, pick_device, save_image
+from selfflow.inference.samplers import SamplingStopped
 from selfflow.models.factory import (
     TextConditioner,
     build_media_tokenizer,
@@ -223,16 +224,30 @@ def check_nonfinite(tr: Trainer, out: ObjectiveOutput, keys: list[str], logger: 
         )
 
 
-def write_samples(tr: Trainer, gen: Generator, prompts: list[str], task: str, path: Path) -> Path | None:
+def write_samples(
+    tr: Trainer,
+    gen: Generator,
+    prompts: list[str],
+    task: str,
+    path: Path,
+    should_stop: Callable[[], bool] | None = None,
+) -> Path | None:
     """A grid from the EMA model for the task of the first batch: `sample.num` images, or one row of
-    frames per clip for video / AV (audio-only runs draw nothing). Prompts cycle; seeds sample.seed + i."""
+    frames per clip for video / AV (audio-only runs draw nothing). Prompts cycle; seeds sample.seed + i.
+    `should_stop` is asked before every model forward: when it says yes (a preemption signal) the grid
+    is abandoned within one forward and nothing is written (None), so the run can save and exit."""
     s = tr.cfg.sample
     mods = TASK_MODALITIES[task]
     if mods == ("audio",):
         return None
     chosen = [prompts[i % len(prompts)] for i in range(s.num)]
     seeds = [s.seed + i for i in range(s.num)]
-    media = gen.generate(chosen, seeds, mods, s.steps, s.sampler, s.cfg_scale, s.shift)
+    try:
+        media = gen.generate(
+            chosen, seeds, mods, s.steps, s.sampler, s.cfg_scale, s.shift, should_stop=should_stop
+        )
+    except SamplingStopped:
+        return None
     if "image" in media:
         nrow = min(len(prompts), s.num) if len(prompts) <= 8 else 0
         return save_image(image_grid(media["image"], nrow), path)
@@ -312,9 +327,8 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
             if tr.step % cfg.train.log_every == 0 or done:
                 last = _log_interval(tr, meter, logger, bar)
             if main and ((cfg.sample.every and tr.step % cfg.sample.every == 0) or done):
-                write_samples(
-                    tr, sampler, prompts, grid_task, run_dir / "samples" / f"step_{tr.step:08d}.png"
-                )
+                grid = run_dir / "samples" / f"step_{tr.step:08d}.png"
+                write_samples(tr, sampler, prompts, grid_task, grid, lambda: stop.requested is not None)
             stopping = _stop_signal(tr, stop)
             if tr.step % cfg.train.ckpt_every == 0 or done or stopping:
                 summary["checkpoint"] = str(save(tr, run_dir))
