@@ -266,13 +266,19 @@ def prune(root: Path, keep_last: int, protect: Path | None = None) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, a `checkpoints/` directory or a run directory -> a complete checkpoint."""
     path = Path(path)
-    if is_complete(path):
+    reason = check_checkpoint(path)
+    if reason is None:
         return path
+    if (path / MANIFEST).is_file() or (path / "state.json").is_file():  # a checkpoint, damaged
+        raise FileNotFoundError(f"{path} is not a complete checkpoint: {reason}")
+    skipped = []
     for root in (path / "checkpoints", path):
-        found = latest_checkpoint(root)
+        found, why = scan_checkpoints(root)
         if found is not None:
             return found
-    raise FileNotFoundError(f"no complete checkpoint at {path} (expected {', '.join(REQUIRED)})")
+        skipped += why
+    detail = f"; skipped {'; '.join(skipped)}" if skipped else f" (expected {', '.join(REQUIRED)})"
+    raise FileNotFoundError(f"no complete checkpoint at {path}{detail}")
 
 
 # What reading a damaged file raises: safetensors' own error; torch.load's zip reader (RuntimeError),
