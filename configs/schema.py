@@ -205,7 +205,7 @@ class SampleConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"  # everything a run writes: metrics.jsonl, tb/, samples/, checkpoints/
+    dir: str = "runs/default"  # everything a run writes: metrics.jsonl, tb/, samples/, checkpoints/, .lock
 
 
 DIST_ENGINES = ("ddp", "deepspeed")

@@ -5,8 +5,9 @@
         objective.name=self_flow train.max_steps=2000 run.dir=runs/tiny-selfflow
 
 Everything the run writes goes under `run.dir`: config.yaml, metrics.jsonl, tb/ (TensorBoard),
-samples/ (fixed-seed grids) and checkpoints/. Rerunning the same command resumes from the latest
-complete checkpoint. Overrides are dotted keys of `configs/schema.py`; unknown keys are errors.
+samples/ (fixed-seed grids), checkpoints/ and .lock (held while the run lives: training/runlock.py).
+Rerunning the same command resumes from the newest complete checkpoint. Overrides are dotted keys of
+`configs/schema.py`; unknown keys are errors.
 
 Several processes: `torchrun --nproc_per_node N training/main.py ...` (dist.engine=ddp), or
 `deepspeed --num_gpus N training/main.py ... dist.engine=deepspeed dist.zero_stage=3` (on CPU also set
