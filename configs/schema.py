@@ -137,6 +137,9 @@ class TrainConfig:
     preempt_signals: list[str] = field(
         default_factory=lambda: ["SIGTERM"]
     )  # save at the step boundary, exit 0
+    # checkpoints exist under run.dir but none is usable: false stops the run (exit 2); true starts again
+    # at step 0 after moving them and metrics.jsonl to run.dir/unusable-<time>/. A usable one is resumed.
+    restart: bool = False
 
     def __post_init__(self) -> None:
         if (
@@ -208,7 +211,7 @@ class SampleConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"  # everything a run writes: metrics.jsonl, tb/, samples/, checkpoints/
+    dir: str = "runs/default"  # everything a run writes: metrics.jsonl, tb/, samples/, checkpoints/, .lock
 
 
 DIST_ENGINES = ("ddp", "deepspeed")
@@ -223,8 +226,13 @@ class DistConfig:
     zero_stage: int = 2  # deepspeed only: 0 (replicated), 2 (optimizer + gradients sharded), 3 (+ parameters)
     deepspeed_config: str = ""  # optional JSON file whose keys override the generated DeepSpeed config
     backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    # seconds a collective (all-reduce, barrier) may wait for the other ranks before it fails instead
+    # of hanging: a rank that died or stalls (a long save on a slow disk counts) stops the whole job
+    timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ConfigError(f"dist.timeout_s must be > 0 seconds, got {self.timeout_s}")
         if self.engine not in DIST_ENGINES:
             raise ConfigError(f"dist.engine {self.engine!r} is not one of {DIST_ENGINES}")
         if self.zero_stage not in (0, 2, 3):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,9 +131,12 @@ class Generator:
         shift: float = 1.0,
         interval: tuple[float, float] = (0.0, 1.0),
         progress: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, Tensor]:
         """One sample per (prompt, seed); media tokens of all `modalities` are sampled jointly.
-        `progress` shows a bar of velocity evaluations (each one conditional + unconditional under CFG)."""
+        `progress` shows a bar of velocity evaluations (each one conditional + unconditional under CFG).
+        `should_stop` is asked before every model forward; when it says yes the whole batch is abandoned
+        with `samplers.SamplingStopped`."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if sampler not in samplers.SAMPLERS:
@@ -157,9 +160,10 @@ class Generator:
             # back to one [B, L, width] tensor, zero in the channels a modality does not use
             return torch.cat([F.pad(v[m].float(), (0, width - v[m].shape[-1])) for m in mods], dim=1)
 
-        v_fn = samplers.cfg(
-            lambda x, t: velocity(x, t, False), lambda x, t: velocity(x, t, True), cfg_scale, interval
-        )
+        cond, uncond = (lambda x, t: velocity(x, t, False)), (lambda x, t: velocity(x, t, True))
+        if should_stop is not None:
+            cond, uncond = samplers.stoppable(cond, should_stop), samplers.stoppable(uncond, should_stop)
+        v_fn = samplers.cfg(cond, uncond, cfg_scale, interval)
         bar = tqdm(total=samplers.evaluations(sampler, steps), unit="eval", disable=not progress, leave=False)
 
         def counted(x: Tensor, t: Tensor) -> Tensor:

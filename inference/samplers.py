@@ -187,6 +187,23 @@ def cfg(
     return guided
 
 
+class SamplingStopped(Exception):
+    """A `stoppable` velocity was asked to stop: the sample being drawn is abandoned."""
+
+
+def stoppable(v_fn: Velocity, should_stop: Callable[[], bool]) -> Velocity:
+    """`v_fn` that asks `should_stop()` before every evaluation and raises SamplingStopped when it says
+    yes, so that any sampler ends within one evaluation of a request (e.g. a preemption signal while a
+    training run draws its sample grid) without knowing about it."""
+
+    def checked(x: Tensor, t: Tensor) -> Tensor:
+        if should_stop():
+            raise SamplingStopped
+        return v_fn(x, t)
+
+    return checked
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": euler, "heun": heun, "euler_maruyama": euler_maruyama}
 
 

@@ -129,3 +129,32 @@ def av_ckpt(mixed_shards, tmp_path_factory) -> Path:
     )  # fmt: skip
     train(cfg, progress=False)
     return latest_checkpoint(run_dir / "checkpoints")
+
+
+HOLD_LOCK = """
+import sys, time
+from selfflow.training.runlock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def hold_run_lock():
+    """start(run_dir) -> another process holding run_dir's lock (killed at teardown at the latest)."""
+    procs: list[subprocess.Popen] = []
+
+    def start(run_dir: Path) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True
+        )
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait(timeout=60)
+        proc.stdout.close()

@@ -259,6 +259,36 @@ def test_sigterm_to_one_rank_saves_and_stops_every_rank(shards, tmp_path):
     assert all(p.is_file() for r in (0, 1) for p in ckpt_io.rank_files(ckpt, r))
 
 
+@pytest.mark.slow
+def test_every_rank_stops_when_the_run_dir_is_in_use(shards, tmp_path, hold_run_lock):
+    """Rank 0 cannot lock run.dir: both ranks exit 2 (none waits in a collective for the other)."""
+    run = tmp_path / "run"
+    holder = hold_run_lock(run)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *_main_args(shards, run, "train.max_steps=2")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out[-3000:]
+    assert f"error: run.dir {run} is in use by pid {holder.pid}" in out, out[-3000:]
+    assert "error: run.dir" in out and "rank 0 could not lock it" in out, out[-3000:]
+    assert "exitcode  : 2" in out and "exitcode  : 1" not in out, out[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no metrics, config or checkpoints
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_a_collective_waits_at_most_dist_timeout_s(shards, tmp_path, engine):
+    """Rank 1 stalls outside a barrier (up to a minute, until rank 0 reports): rank 0's barrier fails
+    after dist.timeout_s instead of waiting for it (the group torch or deepspeed initialises)."""
+    needs(engine)
+    launch(__file__, "timeout", str(tmp_path), str(shards), "dist.timeout_s=2", *ENGINES[engine])
+    result = json.loads((tmp_path / "timeout.json").read_text())
+    assert result["error"] is not None and 2 <= result["waited"] < result["stall"] / 2, result
+    with pytest.raises(ConfigError, match="dist.timeout_s"):
+        small_cfg(shards, tmp_path, "dist.timeout_s=0")
+
+
 # ---------------------------------------------------------------- worker side (run under torchrun)
 
 
@@ -305,6 +335,21 @@ def _worker_nan(tr, out: Path) -> None:
     (out / f"nan_rank{tr.dist.rank}.json").write_text(json.dumps(result))
 
 
+def _worker_timeout(out: Path, stall: float = 60.0) -> None:
+    if int(os.environ["RANK"]) == 1:  # stalls until rank 0 has reported (at most `stall` seconds)
+        end = time.monotonic() + stall
+        while not (out / "timeout.json").exists() and time.monotonic() < end:
+            time.sleep(0.1)
+        return
+    start, error = time.monotonic(), None
+    try:
+        torch.distributed.barrier()
+    except RuntimeError as e:
+        error = str(e).splitlines()[0]
+    result = {"waited": time.monotonic() - start, "stall": stall, "error": error}
+    (out / "timeout.json").write_text(json.dumps(result))
+
+
 def worker(mode: str, out: str, shards: str, *overrides: str) -> None:
     from selfflow.inference.pipeline import pick_device
     from selfflow.training import distributed as dist_io
@@ -312,6 +357,8 @@ def worker(mode: str, out: str, shards: str, *overrides: str) -> None:
 
     cfg = small_cfg(shards, Path(out) / "run", *overrides)
     dist, device = dist_io.init_dist(cfg, pick_device("cpu"))
+    if mode == "timeout":
+        return _worker_timeout(Path(out))  # the group is left to exit: it saw a failed collective
     try:
         tr = build_trainer(cfg, device, dist)
         {"ema": _worker_ema, "nan": _worker_nan}[mode](tr, Path(out))

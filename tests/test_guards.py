@@ -18,7 +18,7 @@ import torch
 from selfflow.configs import ConfigError, load_config
 from selfflow.training import checkpoint as ckpt_io
 from selfflow.training.guards import Preemption, signal_number
-from selfflow.training.loop import build_trainer, make_batch, train_step
+from selfflow.training.loop import build_trainer, make_batch, train, train_step
 from selfflow.training.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,3 +161,175 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint(tmp_path):
         root, 3, {"model": {"w": torch.zeros(4)}}, {}, {}, load_config("tiny"), keep_last=2
     )
     assert not list(root.glob(".tmp-*"))  # the next save clears the half-written one
+
+
+# ---------------------------------------------------------------- damaged checkpoints on resume
+
+
+def _short_run(shards: Path, run: Path, steps: int) -> Path:
+    """A finished run of `steps` steps with a checkpoint every 2; returns its checkpoints folder."""
+    train(_cfg(shards, run, f"train.max_steps={steps}", "train.ckpt_every=2", "train.keep_last=0"), False)
+    return run / "checkpoints"
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_resume_skips_a_damaged_newer_checkpoint_and_says_why(fmnist_shards, tmp_path):
+    run = tmp_path / "run"
+    model = _short_run(fmnist_shards, run, 4) / "step_00000004" / "model.safetensors"
+    size = model.stat().st_size
+    model.write_bytes(b"")  # what a power cut can leave of a file renamed before it reached the disk
+    cmd = [*_main(fmnist_shards, run), "train.max_steps=6", "train.ckpt_every=2", "train.keep_last=0"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reason = f"step_00000004: model.safetensors is 0 bytes, manifest says {size}"
+    assert reason in done.stderr
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r for r in rows if r.get("event")] == [
+        {"step": 2, "event": "checkpoint_skipped", "reason": reason}
+    ]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # 3 and 4 again, once each
+    assert ckpt_io.check_checkpoint(model.parent) is None  # written again by the resumed run
+
+
+def test_no_usable_checkpoint_stops_the_run_unless_restart_is_set(fmnist_shards, tmp_path):
+    run = tmp_path / "run"
+    model = _short_run(fmnist_shards, run, 2) / "step_00000002" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # a full disk, say
+    before = _files(run)
+    cmd = [*_main(fmnist_shards, run), "train.max_steps=3"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "none is usable" in done.stderr and "train.restart=true" in done.stderr
+    assert "step_00000002: model.safetensors is" in done.stderr
+    assert _files(run) == before  # not a byte changed: metrics.jsonl, checkpoints, config
+    again = subprocess.run(
+        [*cmd, "train.restart=true"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == 3
+    (aside,) = run.glob("unusable-*")
+    assert _files(aside) == {k: v for k, v in before.items() if k.startswith(("checkpoints", "metrics"))}
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["event"] for r in rows[:2]] == ["checkpoint_skipped", "restarted"]
+    assert rows[1] == {"step": 0, "event": "restarted", "moved_to": str(aside)}
+    assert [r["step"] for r in rows[2:]] == [1, 2, 3]
+
+
+def test_a_damaged_checkpoint_that_passes_the_size_check_exits_2_naming_the_file(fmnist_shards, tmp_path):
+    run = tmp_path / "run"
+    model = _short_run(fmnist_shards, run, 2) / "step_00000002" / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[8:24] = b"\x00" * 16  # the JSON header of the safetensors file, same size
+    model.write_bytes(bytes(data))
+    done = subprocess.run(
+        [*_main(fmnist_shards, run), "train.max_steps=3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert str(model) in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_run_resumes_over_a_torn_last_metrics_line(fmnist_shards, tmp_path):
+    run = tmp_path / "run"
+    _short_run(fmnist_shards, run, 2)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 0.12')  # the append a kill cut short
+    train(_cfg(fmnist_shards, run, "train.max_steps=3", "train.ckpt_every=2"), False)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and "loss" in rows[-1]
+    assert (run / "metrics.jsonl").read_text().count("\n") == 3
+
+
+# ---------------------------------------------------------------- one job per run.dir
+
+
+def _tree(run: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every folder (None) under `run`."""
+    return {str(p.relative_to(run)): p.read_bytes() if p.is_file() else None for p in sorted(run.rglob("*"))}
+
+
+def test_a_second_launch_into_a_live_run_exits_2_touching_nothing(fmnist_shards, tmp_path, hold_run_lock):
+    import socket
+
+    run = tmp_path / "run"
+    _short_run(fmnist_shards, run, 2)
+    (run / "checkpoints" / ".tmp-step_00000004-x").mkdir()  # the live run's save in progress
+    holder = hold_run_lock(run)
+    before = _tree(run)
+    cmd = [*_main(fmnist_shards, run), "train.max_steps=3"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: run.dir {run} is in use by pid {holder.pid} on host ")
+    assert socket.gethostname() in done.stderr and "(since 20" in done.stderr
+    assert _tree(run) == before
+    holder.kill()  # dies without releasing anything: its lock dies with it
+    holder.wait(timeout=60)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == 3
+    assert (run / ".lock").read_text() == ""  # released on exit, record cleared
+
+
+def test_shards_without_a_usable_sample_exit_2_with_one_line(tmp_path):
+    """The data pipeline's DataError is bad input, like a bad config: one line, exit 2."""
+    from selfflow.data.shards import ShardWriter
+
+    (tmp_path / "shards").mkdir()
+    with ShardWriter(tmp_path / "shards", "audio", max_samples=2) as w:
+        for i in range(3):
+            w.write({"__key__": f"bad_{i}", "flac": b"not a flac file", "txt": "static"})
+    cmd = _main(tmp_path / "shards", tmp_path / "run")
+    done = subprocess.run([*cmd, "train.max_steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: audio: a whole epoch without a good sample")
+
+
+# ---------------------------------------------------------------- preemption during a sample grid
+
+
+def test_the_generator_stops_within_one_model_forward(tiny_cfg, tiny_model):
+    from selfflow.inference.pipeline import Generator
+    from selfflow.inference.samplers import SamplingStopped
+
+    forwards = []
+    tiny_model.register_forward_hook(lambda *_: forwards.append(1))
+    gen = Generator(tiny_cfg, tiny_model)
+    with pytest.raises(SamplingStopped):  # CFG: a conditional and an unconditional forward per step
+        gen.generate(["a bag"], [0], steps=100, cfg_scale=3.0, should_stop=lambda: len(forwards) >= 5)
+    assert len(forwards) == 5
+
+
+def test_a_signal_during_a_sample_grid_stops_it_and_saves(fmnist_shards, tmp_path):
+    """Grids every 2 steps, each of many sampler steps. The first (step 2) runs to its end and shows how
+    long a grid takes; SIGTERM during the second (step 4) abandons it: the run saves step 4 and exits 0
+    in a fraction of that time, with no grid for step 4."""
+    run = tmp_path / "run"
+    cmd = [*_main(fmnist_shards, run), "train.max_steps=6", "train.ckpt_every=1000", "sample.every=2",
+           "sample.steps=800"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+
+    def logged(step: int) -> float:
+        _wait_for(lambda: metrics.is_file() and any(r["step"] >= step for r in read_metrics(metrics)))
+        return time.monotonic()
+
+    grid_started = logged(2)  # rows are logged before that step's grid is drawn
+    grid_time = logged(3) - grid_started
+    logged(4)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    out, err = proc.communicate(timeout=300)
+    stopping_time = time.monotonic() - signalled
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["preempted"] == "SIGTERM" and summary["step"] == 4
+    assert ckpt_io.latest_checkpoint(run / "checkpoints").name == ckpt_io.checkpoint_name(4)
+    assert (run / "samples" / "step_00000002.png").is_file()
+    assert not (run / "samples" / "step_00000004.png").exists() and not list((run / "samples").glob(".*"))
+    assert stopping_time < grid_time / 3, (stopping_time, grid_time)

@@ -13,6 +13,7 @@ import soundfile
 import torch
 
 from selfflow.inference import sample_av
+from selfflow.training.checkpoint import write_manifest
 
 
 def _run(*args: str) -> int:
@@ -68,20 +69,25 @@ def test_duration_and_size_overrides(av_ckpt, tmp_path):
 
 
 def test_bad_input_fails_with_one_line_and_writes_nothing(av_ckpt, tmp_path, capsys):
-    corrupt, mismatched = tmp_path / "corrupt", tmp_path / "mismatched"
-    for d in (corrupt, mismatched):
+    corrupt, truncated, mismatched = tmp_path / "corrupt", tmp_path / "truncated", tmp_path / "mismatched"
+    for d in (corrupt, truncated, mismatched):
         shutil.copytree(av_ckpt, d)
-    (corrupt / "ema.safetensors").write_bytes((av_ckpt / "ema.safetensors").read_bytes()[:100])
+    weights = bytearray((av_ckpt / "ema.safetensors").read_bytes())
+    weights[8:24] = b"\x00" * 16  # the header: same size, so only reading it can tell
+    (corrupt / "ema.safetensors").write_bytes(bytes(weights))
+    (truncated / "ema.safetensors").write_bytes(weights[:100])  # the manifest's size check tells
     text = (mismatched / "config.yaml").read_text().replace("hidden_size: 192", "hidden_size: 96")
     (mismatched / "config.yaml").write_text(
         text.replace("axes_dim:\n  - 12\n  - 12\n  - 12\n  - 12", "axes_dim:\n  - 6\n  - 6\n  - 6\n  - 6")
     )
+    write_manifest(mismatched)  # a complete checkpoint, of another model than its weights
     out = tmp_path / "bad.mp4"
     cases = [
         (["--ckpt", str(av_ckpt), "--prompt", "  "], "prompt"),
         (["--ckpt", str(av_ckpt), "--prompt", "x", "--sampler", "rk9"], "sampler"),
         (["--ckpt", str(tmp_path / "none"), "--prompt", "x"], "checkpoint"),
         (["--ckpt", str(corrupt), "--prompt", "x"], "unreadable"),
+        (["--ckpt", str(truncated), "--prompt", "x"], "ema.safetensors is 100 bytes, manifest says"),
         (["--ckpt", str(mismatched), "--prompt", "x"], "do not fit"),
         (["--ckpt", str(av_ckpt), "--prompt", "x", "--fps", "7.5"], "clip spec"),
     ]

@@ -149,3 +149,21 @@ def test_euler_maruyama_matches_gaussian_data():
 def test_unknown_sampler():
     with pytest.raises(ValueError, match="unknown sampler 'ddim'; expected one of"):
         samplers.sample("ddim", gaussian_velocity, torch.zeros(1, 2), 4)
+
+
+@pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
+def test_a_stoppable_velocity_ends_any_sampler_within_one_evaluation(name):
+    calls = []
+
+    def v_fn(x, t):
+        calls.append(float(t[0]))
+        return x
+
+    stop_after = 3
+    v = samplers.stoppable(v_fn, lambda: len(calls) >= stop_after)
+    with pytest.raises(samplers.SamplingStopped):
+        samplers.sample(name, v, torch.randn(2, 4), steps=50)
+    assert len(calls) == stop_after
+    calls.clear()
+    samplers.sample(name, samplers.stoppable(v_fn, lambda: False), torch.randn(2, 4), steps=5)
+    assert len(calls) == samplers.evaluations(name, 5)  # never asked to stop: an ordinary run

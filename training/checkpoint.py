@@ -12,18 +12,29 @@
         config.yaml             the resolved config
         rank_00001.pt / .json   with several processes: each rank's RNG states (and its optimizer shard
                                 under ZeRO) / data position and counters
+        manifest.json           every other file with its size in bytes (written last)
 
-A checkpoint is complete when its directory exists under its final name: it is written into a hidden
-temporary directory first and renamed in one step, so a crash mid-save leaves only a `.tmp-*` folder
-that loading ignores. Weights are safetensors and state JSON: loading unpickles nothing. With several
-processes every rank writes its own files into one temporary directory; rank 0 publishes it by rename
-and writes `latest` after all ranks are done (`save_checkpoint_ranks`).
+Publishing. A checkpoint is written into a hidden temporary directory, every file is fsynced, then
+`manifest.json` (fsynced), then the directory itself; it is renamed to its final name and the parent is
+fsynced; then `latest` is replaced durably (temporary file, fsync, rename, fsync); only then are older
+checkpoints pruned (`keep_last`). A crash at any point leaves the previous checkpoints intact and at
+most a `.tmp-*` folder that loading ignores and the next save removes. With several processes every
+rank writes and fsyncs its own files in one temporary directory; after a barrier rank 0 writes the
+manifest over all ranks' files and publishes (`save_checkpoint_ranks`).
+
+Completeness. A checkpoint is complete when its manifest exists and every file it lists is present with
+the listed size (`check_checkpoint` says why not). That catches what a rename cannot: a disk that lost
+or truncated a file after a power cut, a full disk, a partial copy. Resuming takes the newest complete
+checkpoint and reports the newer ones it skipped (`scan_checkpoints`); `latest` is kept for people and
+tools. Weights are safetensors and state JSON: loading unpickles nothing, and a file that still fails
+to load is a `CheckpointError` naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -31,15 +42,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from selfflow.configs.schema import Config, save_config
-from selfflow.data.atomic import usual_permissions, write_atomic
+from selfflow.data.atomic import fsync_dir, fsync_file, usual_permissions, write_atomic
 
 PREFIX = "step_"
 LATEST = "latest"
+MANIFEST = "manifest.json"
 REQUIRED = ("model.safetensors", "state.json", "config.yaml")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that passed the size check but cannot be read (damaged contents)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -68,18 +85,49 @@ def save_checkpoint(
     final = root / checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
     try:
-        _write_main(tmp, weights, trainer, {**state, "step": step}, cfg)
-        usual_permissions(tmp)
-        if final.exists():  # a rerun of the same step replaces the old copy
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _sync_files(_write_main(tmp, weights, trainer, {**state, "step": step}, cfg))
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_atomic(root / LATEST, final.name + "\n")
+    _point_latest_and_prune(root, final, keep_last)
+    return final
+
+
+def _sync_files(paths: list[Path]) -> None:
+    for path in paths:
+        fsync_file(path)
+
+
+def write_manifest(folder: Path) -> Path:
+    """`manifest.json` listing every other file of `folder` with its size, fsynced. The files must be
+    fsynced already: the manifest vouches for what is on the disk."""
+    files = {p.name: {"size": p.stat().st_size} for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    path = folder / MANIFEST
+    with path.open("w") as f:
+        f.write(json.dumps({"format": 1, "files": files}, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Manifest, permissions, fsync of the folder, rename into place, fsync of the parent."""
+    write_manifest(tmp)
+    usual_permissions(tmp)
+    fsync_dir(tmp)
+    if final.exists():  # a rerun of the same step replaces the old copy (complete or not)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    fsync_dir(final.parent.parent)  # the run dir's entry for checkpoints/, new at the first save
+
+
+def _point_latest_and_prune(root: Path, final: Path, keep_last: int) -> None:
+    """`latest` -> final, durably; only then may older checkpoints go."""
+    write_atomic(root / LATEST, final.name + "\n", durable=True)
     if keep_last > 0:
         prune(root, keep_last, protect=final)
-    return final
 
 
 def _write_main(
@@ -88,12 +136,16 @@ def _write_main(
     trainer: dict[str, Any],
     state: dict[str, Any],
     cfg: Config,
-) -> None:
+) -> list[Path]:
+    """The files rank 0 (or the only process) writes; returns their paths."""
     for name, tensors in weights.items():
         save_file(_tensors(tensors), str(tmp / f"{name}.safetensors"))
     torch.save(trainer, tmp / "trainer.pt")
     save_config(cfg, tmp / "config.yaml")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    return [tmp / f"{name}.safetensors" for name in weights] + [
+        tmp / n for n in ("trainer.pt", "config.yaml", "state.json")
+    ]
 
 
 def rank_files(ckpt: str | Path, rank: int) -> tuple[Path, Path]:
@@ -113,7 +165,8 @@ def save_checkpoint_ranks(
 ) -> Path:
     """Every rank calls this with its own `mine` = (tensors, JSON-able state); rank 0 also passes `main` =
     (weights, trainer, state, cfg) as for `save_checkpoint`. All ranks write into one agreed temporary
-    directory; after a barrier rank 0 renames it into place and then writes `latest`."""
+    directory, each fsyncing its own files; after a barrier rank 0 writes the manifest over every rank's
+    files, renames the directory into place and then writes `latest`."""
     root = Path(root)
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{final.name}"
@@ -124,45 +177,81 @@ def save_checkpoint_ranks(
     tensors_path, json_path = rank_files(tmp, rank)
     torch.save(mine[0], tensors_path)
     json_path.write_text(json.dumps(mine[1], indent=2))
+    written = [tensors_path, json_path]
     if main is not None:
         weights, trainer, state, cfg = main
-        _write_main(tmp, weights, trainer, {**state, "step": step}, cfg)
+        written += _write_main(tmp, weights, trainer, {**state, "step": step}, cfg)
+    _sync_files(written)  # every rank vouches for its own files before the barrier
     barrier()
     if rank == 0:
-        usual_permissions(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_atomic(root / LATEST, final.name + "\n")
-        if keep_last > 0:
-            prune(root, keep_last, protect=final)
+        _publish(tmp, final)
+        _point_latest_and_prune(root, final, keep_last)
     barrier()
     return final
 
 
+def check_checkpoint(path: str | Path) -> str | None:
+    """None when `path` is a complete checkpoint, else why not (one line, e.g. "model.safetensors is 0
+    bytes, manifest says 123456"). Checkpoints written before manifests existed are judged by the old
+    rule: the REQUIRED files are present and not empty."""
+    path = Path(path)
+    if not path.is_dir() or path.name.startswith("."):
+        return "not a checkpoint directory"
+    manifest = path / MANIFEST
+    if not manifest.is_file():  # written by an earlier version: no manifest to check sizes against
+        bad = [f for f in REQUIRED if not (path / f).is_file() or (path / f).stat().st_size == 0]
+        return f"no {MANIFEST}, and {', '.join(bad)} missing or empty" if bad else None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        sizes = {name: int(entry["size"]) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__})"
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing, manifest says {size} bytes"
+        if file.stat().st_size != size:
+            return f"{name} is {file.stat().st_size} bytes, manifest says {size}"
+    return None
+
+
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(".") and all((path / f).is_file() for f in REQUIRED)
+    return check_checkpoint(path) is None
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Directories named like checkpoints (complete or not), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob(f"{PREFIX}*") if is_complete(p)]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    return [p for p in _step_dirs(Path(root)) if is_complete(p)]
+
+
+def scan_checkpoints(root: str | Path) -> tuple[Path | None, list[str]]:
+    """(the newest complete checkpoint or None, "<name>: <reason>" for each newer one that is not)."""
+    skipped = []
+    for path in reversed(_step_dirs(Path(root))):
+        reason = check_checkpoint(path)
+        if reason is None:
+            return path, skipped
+        skipped.append(f"{path.name}: {reason}")
+    return None, skipped
+
+
+def has_checkpoints(root: str | Path) -> bool:
+    """Whether a checkpoint was ever published under `root`: a step directory or a `latest` pointer."""
+    return bool(_step_dirs(Path(root))) or (Path(root) / LATEST).is_file()
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint `latest` names if it is complete, else the newest complete one, else None."""
-    root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if is_complete(named):
-            return named
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+    """The newest complete checkpoint, else None (`latest` is not trusted over the manifests: a crash
+    between publishing a checkpoint and updating `latest` leaves the pointer one behind)."""
+    return scan_checkpoints(root)[0]
 
 
 def prune(root: Path, keep_last: int, protect: Path | None = None) -> None:
@@ -177,29 +266,60 @@ def prune(root: Path, keep_last: int, protect: Path | None = None) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, a `checkpoints/` directory or a run directory -> a complete checkpoint."""
     path = Path(path)
-    if is_complete(path):
+    reason = check_checkpoint(path)
+    if reason is None:
         return path
+    if (path / MANIFEST).is_file() or (path / "state.json").is_file():  # a checkpoint, damaged
+        raise FileNotFoundError(f"{path} is not a complete checkpoint: {reason}")
+    skipped = []
     for root in (path / "checkpoints", path):
-        found = latest_checkpoint(root)
+        found, why = scan_checkpoints(root)
         if found is not None:
             return found
-    raise FileNotFoundError(f"no complete checkpoint at {path} (expected {', '.join(REQUIRED)})")
+        skipped += why
+    detail = f"; skipped {'; '.join(skipped)}" if skipped else f" (expected {', '.join(REQUIRED)})"
+    raise FileNotFoundError(f"no complete checkpoint at {path}{detail}")
+
+
+# What reading a damaged file raises: safetensors' own error; torch.load's zip reader (RuntimeError),
+# its weights-only unpickler (UnpicklingError), a short file (EOFError); JSON (ValueError).
+_DAMAGED = (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, UnicodeDecodeError)
+
+
+def _damaged(path: Path, e: BaseException) -> CheckpointError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return CheckpointError(f"checkpoint file {path} is damaged: {first}")
 
 
 def load_weights(ckpt: str | Path, name: str, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """One safetensors file of a checkpoint, e.g. name="ema"."""
+    """One safetensors file of a checkpoint, e.g. name="ema"; CheckpointError when it is damaged."""
     path = Path(ckpt) / f"{name}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} has no {path.name}")
-    return load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except _DAMAGED as e:
+        raise _damaged(path, e) from None
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except _DAMAGED as e:
+        raise _damaged(path, e) from None
+
+
+def _load_tensors(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except _DAMAGED as e:
+        raise _damaged(path, e) from None
 
 
 def load_state(ckpt: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state.json, trainer.pt) of a checkpoint; trainer.pt holds only tensors and plain containers."""
     ckpt = Path(ckpt)
-    state = json.loads((ckpt / "state.json").read_text())
-    trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-    return state, trainer
+    return _load_json(ckpt / "state.json"), _load_tensors(ckpt / "trainer.pt")
 
 
 def load_rank(ckpt: str | Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -207,5 +327,4 @@ def load_rank(ckpt: str | Path, rank: int) -> tuple[dict[str, Any], dict[str, An
     tensors_path, json_path = rank_files(ckpt, rank)
     if not (tensors_path.is_file() and json_path.is_file()):
         raise FileNotFoundError(f"checkpoint {ckpt} has no files of rank {rank}")
-    state = json.loads(json_path.read_text())
-    return state, torch.load(tensors_path, map_location="cpu", weights_only=True)
+    return _load_json(json_path), _load_tensors(tensors_path)

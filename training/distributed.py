@@ -26,6 +26,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ def _backend(cfg: Config, device: torch.device) -> str:
 def init_dist(cfg: Config, device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group the launcher describes (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR).
     Without a launcher and with engine ddp: the single process, nothing initialised. A CUDA device
-    becomes cuda:LOCAL_RANK."""
+    becomes cuda:LOCAL_RANK. A collective that waits longer than `dist.timeout_s` for another rank
+    fails (torch's default would be 10 or 30 minutes depending on the backend and engine)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and cfg.dist.engine == "ddp":
         return SINGLE, device
@@ -86,14 +88,15 @@ def init_dist(cfg: Config, device: torch.device) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    backend = _backend(cfg, device)
+    backend, timeout = _backend(cfg, device), timedelta(seconds=cfg.dist.timeout_s)
     if not torch.distributed.is_initialized():
         if cfg.dist.engine == "deepspeed":
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend)
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         else:
-            torch.distributed.init_process_group(backend, device_id=device if backend == "nccl" else None)
+            device_id = device if backend == "nccl" else None
+            torch.distributed.init_process_group(backend, timeout=timeout, device_id=device_id)
     return Dist(rank, torch.distributed.get_world_size(), local, cfg.dist.engine), device
 
 

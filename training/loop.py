@@ -13,7 +13,7 @@ fp32. Counters are device tensors until a log interval (`training/tracking.py`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from selfflow.configs.schema import Config, ConfigError, save_config
 from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, WorkerPipeline
 from selfflow.inference.pipeline import Generator, autocast, image_grid, pick_device, save_image
+from selfflow.inference.samplers import SamplingStopped
 from selfflow.models.factory import (
     TextConditioner,
     build_media_tokenizer,
@@ -32,13 +33,13 @@ from selfflow.models.factory import (
     build_text_conditioner,
 )
 from selfflow.tokenizers.media import MediaTokenizer
-from selfflow.training import checkpoint as ckpt_io
 from selfflow.training import distributed as dist_io
 from selfflow.training.distributed import SINGLE, Dist, any_rank, full_parameters
 from selfflow.training.ema import EMA, make_emas, update_all
 from selfflow.training.guards import NonFiniteError, Preemption
 from selfflow.training.objectives import OBJECTIVES, Batch, Models, ObjectiveOutput, make_head
-from selfflow.training.saving import restore, save
+from selfflow.training.runlock import hold_run_dir
+from selfflow.training.saving import ResumePlan, restore, resume_plan, save
 from selfflow.training.tracking import MetricMeter, RunLogger
 
 TEACHER_OBJECTIVES = ("self_flow", "sra")
@@ -227,16 +228,30 @@ def check_nonfinite(tr: Trainer, out: ObjectiveOutput, keys: list[str], logger: 
         )
 
 
-def write_samples(tr: Trainer, gen: Generator, prompts: list[str], task: str, path: Path) -> Path | None:
+def write_samples(
+    tr: Trainer,
+    gen: Generator,
+    prompts: list[str],
+    task: str,
+    path: Path,
+    should_stop: Callable[[], bool] | None = None,
+) -> Path | None:
     """A grid from the EMA model for the task of the first batch: `sample.num` images, or one row of
-    frames per clip for video / AV (audio-only runs draw nothing). Prompts cycle; seeds sample.seed + i."""
+    frames per clip for video / AV (audio-only runs draw nothing). Prompts cycle; seeds sample.seed + i.
+    `should_stop` is asked before every model forward: when it says yes (a preemption signal) the grid
+    is abandoned within one forward and nothing is written (None), so the run can save and exit."""
     s = tr.cfg.sample
     mods = TASK_MODALITIES[task]
     if mods == ("audio",):
         return None
     chosen = [prompts[i % len(prompts)] for i in range(s.num)]
     seeds = [s.seed + i for i in range(s.num)]
-    media = gen.generate(chosen, seeds, mods, s.steps, s.sampler, s.cfg_scale, s.shift)
+    try:
+        media = gen.generate(
+            chosen, seeds, mods, s.steps, s.sampler, s.cfg_scale, s.shift, should_stop=should_stop
+        )
+    except SamplingStopped:
+        return None
     if "image" in media:
         nrow = min(len(prompts), s.num) if len(prompts) <= 8 else 0
         return save_image(image_grid(media["image"], nrow), path)
@@ -263,34 +278,38 @@ def _stop_signal(tr: Trainer, stop: Preemption) -> str | None:
 
 
 def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """Train to `train.max_steps`, resuming from the latest complete checkpoint under `run.dir`. A
-    preemption signal (`train.preempt_signals`) saves at the next step boundary and returns. Under
-    torchrun / the deepspeed launcher every rank runs this; rank 0 logs, draws samples and prints."""
+    """Train to `train.max_steps`, resuming from the latest complete checkpoint under `run.dir`, which
+    the run locks (RunLocked when another job holds it). A preemption signal (`train.preempt_signals`)
+    saves at the next step boundary and returns. Under torchrun / the deepspeed launcher every rank runs
+    this; rank 0 locks, logs, draws samples and prints."""
     if not cfg.data.shards:
         raise ConfigError(
             "data.shards is empty: build shards with tools/make_shards.py, then data.shards=DIR"
         )
     dist, device = dist_io.init_dist(cfg, pick_device(cfg.train.device))
     try:
-        summary = _train(build_trainer(cfg, device, dist), progress and dist.is_main)
-        dist_io.barrier(dist)  # no rank tears the group down while another still talks to it
+        with hold_run_dir(cfg.run.dir, dist, device):  # before anything under run.dir is touched
+            plan = resume_plan(cfg, dist)
+            summary = _train(build_trainer(cfg, device, dist), plan, progress and dist.is_main)
+            dist_io.barrier(dist)  # no rank tears the group down while another still talks to it
         return summary
     finally:
         dist_io.shutdown(dist)
 
 
-def _train(tr: Trainer, progress: bool) -> dict[str, Any]:
+def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
     cfg, run_dir, main = tr.cfg, Path(tr.cfg.run.dir), tr.dist.is_main
     tr.data = build_data(cfg, tr.dist)
-    latest = ckpt_io.latest_checkpoint(run_dir / "checkpoints")
-    if latest is not None:
-        restore(tr, latest)
+    if plan.ckpt is not None:
+        restore(tr, plan.ckpt)
     if main:
         save_config(cfg, run_dir / "config.yaml")
-    summary = {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(latest), "preempted": None}
+    summary = {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(plan.ckpt), "preempted": None}
     if tr.step >= cfg.train.max_steps:
         return {**summary, "last": {"step": tr.step}}
     logger = RunLogger(run_dir, resume_step=tr.step) if main else dist_io.QuietLogger()
+    for event in plan.events():
+        logger.log(tr.step, event)
     meter = MetricMeter(cfg.train.t_bins, tr.device)
     sampler = Generator(cfg, tr.ema.model, tr.device, cfg.train.precision, tr.media, tr.encode_text)
     bar = tqdm(total=cfg.train.max_steps, initial=tr.step, disable=not progress, desc=cfg.objective.name)
@@ -312,9 +331,8 @@ def _train(tr: Trainer, progress: bool) -> dict[str, Any]:
             if tr.step % cfg.train.log_every == 0 or done:
                 last = _log_interval(tr, meter, logger, bar)
             if main and ((cfg.sample.every and tr.step % cfg.sample.every == 0) or done):
-                write_samples(
-                    tr, sampler, prompts, grid_task, run_dir / "samples" / f"step_{tr.step:08d}.png"
-                )
+                grid = run_dir / "samples" / f"step_{tr.step:08d}.png"
+                write_samples(tr, sampler, prompts, grid_task, grid, lambda: stop.requested is not None)
             stopping = _stop_signal(tr, stop)
             if tr.step % cfg.train.ckpt_every == 0 or done or stopping:
                 summary["checkpoint"] = str(save(tr, run_dir))

@@ -5,8 +5,9 @@
         objective.name=self_flow train.max_steps=2000 run.dir=runs/tiny-selfflow
 
 Everything the run writes goes under `run.dir`: config.yaml, metrics.jsonl, tb/ (TensorBoard),
-samples/ (fixed-seed grids) and checkpoints/. Rerunning the same command resumes from the latest
-complete checkpoint. Overrides are dotted keys of `configs/schema.py`; unknown keys are errors.
+samples/ (fixed-seed grids), checkpoints/ and .lock (held while the run lives: training/runlock.py).
+Rerunning the same command resumes from the newest complete checkpoint. Overrides are dotted keys of
+`configs/schema.py`; unknown keys are errors.
 
 Several processes: `torchrun --nproc_per_node N training/main.py ...` (dist.engine=ddp), or
 `deepspeed --num_gpus N training/main.py ... dist.engine=deepspeed dist.zero_stage=3` (on CPU also set
@@ -15,7 +16,16 @@ and on stopping for a signal; a resume needs the same number of processes.
 
 Exit status: 0 when done or preempted (SIGTERM, or `train.preempt_signals`: the run saves at the next
 step boundary; rerun to resume), 2 for a bad config or missing data, 3 after `train.max_nonfinite`
-consecutive NaN/Inf steps (none of which was applied).
+consecutive NaN/Inf steps (none of which was applied). Exit 2 prints one line `error: ...` for:
+- ConfigError: a bad config or override, a checkpoint of another model or process layout, checkpoints
+  under run.dir none of which is usable (without train.restart=true);
+- FileNotFoundError: missing shards or files;
+- DataError (selfflow.data.pipeline): a bad sample under data.strict, or unusable shards;
+- CheckpointError / SafetensorError: a checkpoint file that passed the size check but cannot be read;
+- MetricsError: a damaged line (not the last) in run.dir/metrics.jsonl;
+- RunLocked: run.dir is in use by another live run (the message names its pid, host and start time);
+  with several processes every rank stops with it.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ import os
 import sys
 
 from selfflow.configs.schema import ConfigError, config_to_yaml, load_config
+
+# The errors that mean bad input (exit 2, one line); see the module docstring.
+BAD_INPUT: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +53,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _bad_input() -> tuple[type[BaseException], ...]:
+    """BAD_INPUT plus the error types of the training stack (imported only when a run starts)."""
+    from safetensors import SafetensorError
+
+    from selfflow.data.pipeline import DataError
+    from selfflow.training.checkpoint import CheckpointError
+    from selfflow.training.runlock import RunLocked
+    from selfflow.training.tracking import MetricsError
+
+    return (*BAD_INPUT, DataError, CheckpointError, SafetensorError, MetricsError, RunLocked)
+
+
+def _fail(e: BaseException, code: int) -> int:
+    """Print `error: <message>` on one line (a message's own line breaks become "; ")."""
+    print("error: " + "; ".join(line for line in str(e).splitlines() if line.strip()), file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -47,16 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(config_to_yaml(cfg), end="")
             return 0
-        from selfflow.training.guards import NonFiniteError
-        from selfflow.training.loop import train
+    except BAD_INPUT as e:
+        return _fail(e, 2)
+    from selfflow.training.guards import NonFiniteError
+    from selfflow.training.loop import train
 
+    try:
         summary = train(cfg, progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except _bad_input() as e:
+        return _fail(e, 2)
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return _fail(e, 3)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: summary[k] for k in ("run_dir", "step", "checkpoint", "preempted")}))
     return 0

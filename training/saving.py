@@ -7,11 +7,21 @@ One process writes `trainer.pt` (optimizer, scheduler, RNG) and the data positio
 several processes (or DeepSpeed) rank 0 writes the weights, `trainer.pt` (scheduler, and the optimizer
 when it is replicated) and `state.json`; every rank adds its RNG states, its optimizer shard (ZeRO)
 and its data position as `rank_<r>.pt` / `rank_<r>.json`. Resuming needs the same number of processes.
+
+    plan = resume_plan(cfg, dist)   # which checkpoint to resume from, and the newer ones skipped (why)
+
+Resuming takes the newest complete checkpoint (training/checkpoint.py checks each against its manifest)
+and reports the newer ones it skipped. When checkpoints exist but none is usable, the run stops with a
+ConfigError rather than silently starting again at step 0 over the old metrics; `train.restart=true`
+allows starting over, after moving the unusable checkpoints and metrics.jsonl aside (never deleting
+them) into `<run.dir>/unusable-<UTC time>/`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +31,7 @@ from torch import Tensor, nn
 from selfflow.configs.schema import Config, ConfigError, load_config
 from selfflow.training import checkpoint as ckpt_io
 from selfflow.training import distributed as dist_io
-from selfflow.training.distributed import SINGLE, full_parameters
+from selfflow.training.distributed import SINGLE, Dist, full_parameters
 
 if TYPE_CHECKING:
     from selfflow.training.loop import Trainer
@@ -87,6 +97,59 @@ def save(tr: Trainer, run_dir: Path) -> Path:
     return ckpt_io.save_checkpoint_ranks(
         root, tr.step, tr.dist.rank, lambda: dist_io.barrier(tr.dist), main, mine, keep
     )
+
+
+@dataclass
+class ResumePlan:
+    """Where a run starts: `ckpt` (None: step 0), the newer checkpoints skipped as "<name>: <reason>",
+    and where unusable checkpoints were moved when `train.restart` started over."""
+
+    ckpt: Path | None
+    skipped: list[str] = field(default_factory=list)
+    moved_to: Path | None = None
+
+    def events(self) -> list[dict[str, str]]:
+        """metrics.jsonl rows (less the step) that record this plan."""
+        rows = [{"event": "checkpoint_skipped", "reason": reason} for reason in self.skipped]
+        if self.moved_to is not None:
+            rows.append({"event": "restarted", "moved_to": str(self.moved_to)})
+        return rows
+
+
+def _set_aside(run_dir: Path) -> Path:
+    """Move checkpoints/ and metrics.jsonl of `run_dir` into a new `unusable-<UTC time>/` folder."""
+    aside = run_dir / time.strftime("unusable-%Y%m%dT%H%M%SZ", time.gmtime())
+    aside.mkdir()
+    for name in ("checkpoints", "metrics.jsonl"):
+        if (run_dir / name).exists():
+            (run_dir / name).rename(aside / name)
+    return aside
+
+
+def resume_plan(cfg: Config, dist: Dist = SINGLE) -> ResumePlan:
+    """The checkpoint this run resumes from (every rank reaches the same plan; rank 0 prints what was
+    skipped). ConfigError when checkpoints exist but none is usable, unless `train.restart`."""
+    run_dir = Path(cfg.run.dir)
+    root = run_dir / "checkpoints"
+    found, skipped = ckpt_io.scan_checkpoints(root)
+    plan = ResumePlan(found, skipped)
+    unusable = found is None and ckpt_io.has_checkpoints(root)
+    if unusable and not cfg.train.restart:
+        why = "; ".join(skipped) or f"{ckpt_io.LATEST} names a checkpoint that is gone"
+        raise ConfigError(
+            f"{root} has checkpoints but none is usable ({why}): repair or remove them, or set "
+            f"train.restart=true to start again at step 0 (they are then moved to {run_dir}/unusable-*/)"
+        )
+    for reason in skipped if dist.is_main else ():
+        print(f"warning: skipping checkpoint {reason}", file=sys.stderr)
+    if not unusable:
+        return plan
+    dist_io.barrier(dist)  # every rank has looked before rank 0 moves anything
+    if dist.is_main:
+        plan.moved_to = _set_aside(run_dir)
+        print(f"warning: train.restart: moved unusable checkpoints to {plan.moved_to}", file=sys.stderr)
+    dist_io.barrier(dist)
+    return plan
 
 
 def check_compatible(cfg: Config, ckpt: Path) -> None:

@@ -4,6 +4,11 @@ then written to `<run.dir>/metrics.jsonl` (one JSON object per logged step) and 
 Per logged step: the objective's metrics averaged over the interval (loss, loss_gen, loss_rep,
 rep_cos, mask_frac, grad_norm), the velocity loss per t-bin (`loss_t0`...: equal-width bins of each
 sample's base level t, t = 1 noise), throughput (samples_per_s, tokens_per_s), lr and samples seen.
+
+A run killed mid-append (or a full disk) can leave a torn last line: `read_metrics` and `truncate_after`
+drop it, and a resumed run rewrites the file cleanly (atomically) before appending, so the torn text
+never ends up in the middle. A line in the middle that is not a JSON object is not what this writer
+leaves behind (two writers, damage, another file): that is a MetricsError naming the line, not dropped.
 """
 
 from __future__ import annotations
@@ -16,7 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from selfflow.data.atomic import write_atomic
+
 ALWAYS = ("loss", "loss_gen", "loss_rep")  # present for every objective (0 where it has none)
+
+
+class MetricsError(ValueError):
+    """A metrics.jsonl line before the last one is not a JSON object."""
 
 
 class MetricMeter:
@@ -107,18 +118,36 @@ def _tb_name(key: str) -> str:
     return f"train/{key}"
 
 
+def _parse(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """(rows, whether the file needs a rewrite before more rows are appended: a torn last line was
+    dropped, or the last row lacks its newline)."""
+    text = path.read_text(encoding="utf-8", errors="replace")  # a torn line may end mid-character
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            if i == len(lines) - 1:  # killed mid-append or disk full: the row was never complete
+                return rows, True
+            raise MetricsError(f"{path} line {n} is not a JSON row; only a torn last line is dropped")
+        rows.append(row)
+    return rows, bool(text) and not text.endswith("\n")
+
+
 def truncate_after(path: Path, step: int) -> None:
-    """Drop lines logged after `step` (a run resumed from an older checkpoint rewrites them)."""
+    """Drop lines logged after `step` (a run resumed from an older checkpoint rewrites them) and a torn
+    last line; the file is replaced atomically, and only when something changes."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+    rows, torn = _parse(path)
+    kept = [row for row in rows if row.get("step", 0) <= step]
+    if torn or len(kept) != len(rows):
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept), durable=True)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All logged rows of a metrics.jsonl, in order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All logged rows of a metrics.jsonl, in order, less a torn last line."""
+    return _parse(Path(path))[0]
