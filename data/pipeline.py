@@ -127,7 +127,7 @@ class DataPipeline:
                 f"no shard set for task(s) {missing or list(TASK_MODALITIES)} in {shards}"
             )
         if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ValueError(f"task weights must be >= 0 with a positive sum, got {weights}")
+            raise DataError(f"data.weights must be >= 0 with a positive sum, got {weights}")
         self.tasks = [t for t in TASK_MODALITIES if weights.get(t, 0) > 0]
         self.probs = np.array([weights[t] for t in self.tasks], np.float64) / sum(
             weights[t] for t in self.tasks

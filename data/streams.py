@@ -123,7 +123,7 @@ class TaskStream:
     def __post_init__(self) -> None:
         parts = self.world * self.workers
         if len(self.shards) < parts:
-            raise ValueError(
+            raise DataError(
                 f"{self.task}: {len(self.shards)} shard(s) for {self.world} rank(s) x {self.workers} "
                 f"worker(s); every process needs a shard (make smaller shards: make_shards --shard-samples)"
             )

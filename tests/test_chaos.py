@@ -121,3 +121,13 @@ def test_killed_and_relaunched_run_ends_like_an_uninterrupted_one(salted, tmp_pa
     for key in ("loss", "grad_norm", "samples_seen", "skipped_samples"):
         assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
     assert rows[0][-1]["skipped_samples"] >= 6  # the salt was met, skipped and counted
+    events = [
+        [(r["step"], r["sample"], r["reason"]) for r in read_metrics(tmp_path / d / "metrics.jsonl")
+         if r.get("event") == "skipped_sample"]
+        for d in "ab"
+    ]  # fmt: skip
+    assert events[0] == events[1]
+    reasons = {sample.split(":")[-1]: reason for _, sample, reason in events[0]}
+    assert "not an allowed image format" in reasons["tiff_as_png"] and "pixel limit" in reasons["bomb"]
+    assert "caption" in reasons["no_caption"] and "end-of-archive" not in reasons.get("*", "")
+    assert any("damaged tar header" in r for r in reasons.values())  # the torn shard, counted once per epoch

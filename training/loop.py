@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from selfflow.configs.schema import Config, ConfigError, save_config
-from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, WorkerPipeline
+from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, MediaBatch, WorkerPipeline
 from selfflow.inference.pipeline import Generator, autocast, image_grid, pick_device, save_image
 from selfflow.inference.samplers import SamplingStopped
 from selfflow.models.factory import (
@@ -207,13 +207,12 @@ def build_data(cfg: Config, dist: Dist = SINGLE) -> DataPipeline | WorkerPipelin
     return DataPipeline(**kwargs)
 
 
-def data_stream(
-    tr: Trainer, data: DataPipeline | WorkerPipeline
-) -> Iterator[tuple[Batch, list[str], list[str]]]:
-    """Endless (batch, captions, sample keys) from the mixed-task pipeline."""
+def data_stream(tr: Trainer, data: DataPipeline | WorkerPipeline) -> Iterator[tuple[Batch, MediaBatch]]:
+    """Endless (batch, the pipeline's batch: captions, sample keys, skipped samples) from the mixed-task
+    pipeline."""
     for item in data:
         tr.skipped = data.skipped_count
-        yield make_batch(tr, item.media, item.captions), item.captions, item.keys
+        yield make_batch(tr, item.media, item.captions), item
 
 
 def check_nonfinite(tr: Trainer, out: ObjectiveOutput, keys: list[str], logger: RunLogger) -> None:
@@ -316,12 +315,14 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
     prompts: list[str] = list(cfg.sample.prompts)
     last, grid_task = {"step": tr.step}, None
     with Preemption(cfg.train.preempt_signals) as stop, logger, bar:
-        for batch, captions, keys in data_stream(tr, tr.data):
-            prompts = prompts or sorted(set(captions))
+        for batch, item in data_stream(tr, tr.data):
+            prompts = prompts or sorted(set(item.captions))
             grid_task = grid_task or batch.task
             out = train_step(tr, batch)
+            for where, reason in item.skipped:  # bad samples met while this batch was read
+                logger.log(tr.step, {"event": "skipped_sample", "sample": where, "reason": reason})
             if tr.nonfinite_streak:
-                check_nonfinite(tr, out, keys, logger)
+                check_nonfinite(tr, out, item.keys, logger)
             else:
                 meter.add(
                     out.metrics, out.levels[:, 0], out.loss_gen, batch.ids.shape[0] + batch.txt.shape[1]
