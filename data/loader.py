@@ -10,6 +10,8 @@ from pathlib import Path
 
 from webdataset.shardlists import expand_urls
 
+from selfflow.data.shards import is_url
+
 MANIFEST = "manifest.json"
 ShardSource = str | Path | list[str | Path] | tuple[str | Path, ...]
 
@@ -54,7 +56,7 @@ def resolve_shards(shards: ShardSource, task: str = "image") -> list[str]:
         if not paths:
             raise FileNotFoundError(f"no {task} shards found at {text}")
     for path in paths:
-        if not Path(path).is_file():
+        if not is_url(path) and not Path(path).is_file():
             raise FileNotFoundError(f"shard {path} not found")
     return paths
 

@@ -22,6 +22,7 @@ import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 SHARD_NAME = "{name}-{index:06d}.tar"
 TEMP_SUFFIX = ".tmp"
@@ -242,32 +243,64 @@ class _CheckedInfo(tarfile.TarInfo):
             raise
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, file:, http:, gs:, ... (not a drive letter)
+
+
+def is_url(source: str | Path) -> bool:
+    """Whether a shard source is opened through webdataset's gopen (`pipe:cmd`, `file:`, `http(s):`, ...)
+    rather than as a local path."""
+    return isinstance(source, str) and _URL.match(source) is not None
+
+
+def open_shard(source: str | Path) -> IO[bytes]:
+    """A binary stream of a local shard or of a URL (webdataset's gopen: `pipe:aws s3 cp s3://b/x.tar -`
+    runs the command and reads its output; a command that fails raises OSError at the end)."""
+    if is_url(source):
+        from webdataset.gopen import gopen  # imports webdataset only when a URL is read
+
+        return gopen(str(source), "rb")
+    return open(source, "rb")  # noqa: SIM115 (closed by the caller)
+
+
 def iter_tar_samples(
-    path: str | Path, max_member_bytes: int | None = None
+    source: str | Path, max_member_bytes: int | None = None
 ) -> Iterator[dict[str, str | bytes]]:
-    """Stream the samples of one shard as {"__key__": key, field: bytes, ...}.
+    """Stream the samples of one shard (a path or a URL, see `open_shard`) as {"__key__": key, field:
+    bytes, ...}.
 
     Consecutive members with the same key form a sample. A member over `max_member_bytes` is not read:
-    its sample carries "__error__" instead. Raises tarfile.TarError or OSError if the file is
-    unreadable or truncated anywhere, a header included (after yielding the samples before the damage).
+    its sample carries "__error__" instead. Raises tarfile.TarError or OSError if the shard is
+    unreadable or truncated anywhere, a header included, or its command fails (after yielding the
+    samples before the damage).
     """
-    with tarfile.open(path, mode="r|", tarinfo=_CheckedInfo) as tar:
-        sample: dict[str, str | bytes] | None = None
-        for member in tar:
-            parts = _split_name(member.name) if member.isfile() else None
-            if parts is None:
-                continue
-            key, field = parts
-            if sample is None or sample["__key__"] != key:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key}
-            if max_member_bytes is not None and member.size > max_member_bytes:
-                sample.setdefault("__error__", f"field {field} is {member.size} bytes, over the limit")
-                continue
-            sample[field] = tar.extractfile(member).read()
-        if sample is not None:
-            yield sample
-        damage = getattr(tar, "damage", None)
-    if damage is not None:
-        raise tarfile.ReadError(damage)
+    stream, finished = open_shard(source), False
+    try:
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_CheckedInfo) as tar:
+            sample: dict[str, str | bytes] | None = None
+            for member in tar:
+                parts = _split_name(member.name) if member.isfile() else None
+                if parts is None:
+                    continue
+                key, field = parts
+                if sample is None or sample["__key__"] != key:
+                    if sample is not None:
+                        yield sample
+                    sample = {"__key__": key}
+                if max_member_bytes is not None and member.size > max_member_bytes:
+                    sample.setdefault("__error__", f"field {field} is {member.size} bytes, over the limit")
+                    continue
+                sample[field] = tar.extractfile(member).read()
+            if sample is not None:
+                yield sample
+            damage = getattr(tar, "damage", None)
+        if damage is not None:
+            raise tarfile.ReadError(damage)
+        while stream.read(1 << 16):  # to the end, so that a command's exit status is checked
+            pass
+        finished = True
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            if finished:  # a command that failed after writing a whole tar
+                raise
