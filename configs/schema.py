@@ -173,7 +173,13 @@ class TrainConfig:
 class DataConfig:
     """Mixed-task shards (selfflow.data.pipeline): one task per batch, drawn by weight."""
 
-    shards: str = ""  # tools/make_shards.py output folder(s), comma-separated (one shard set per task)
+    # comma-separated sources: make_shards folders, folders of .tar files, globs, brace patterns
+    # (/data/{00000..00099}.tar) and URLs webdataset opens (pipe:CMD, file:, http(s):); the task of a
+    # sample in a plain tar is inferred from its fields (data/loader.py, data/fields.py)
+    shards: str = ""
+    task_shards: dict[str, str] = field(default_factory=dict)  # {task: source}: shards of one known task
+    caption_key: str = "caption"  # the json entry a sample without txt / caption field is captioned by
+    clip_window: str = "random"  # a clip longer than spec.duration: random window (seeded) | start
     weights: dict[str, float] = field(
         default_factory=dict
     )  # {task: weight}; empty: every task found, equally
@@ -186,6 +192,8 @@ class DataConfig:
     )
     limits: DecodeLimits = field(default_factory=DecodeLimits)  # formats and sizes a sample may have
     worker_timeout_s: float = 600.0  # a DataLoader worker without a batch for this long ends the run
+    open_retries: int = 3  # a URL shard that fails is opened again this often (waits 1, 2, 4 s ...)
+    retry_wait_s: float = 1.0
     allow_changed_shards: bool = False  # resume into a shard list that differs from the checkpoint's
 
     def __post_init__(self) -> None:
@@ -193,6 +201,13 @@ class DataConfig:
             raise ConfigError(f"data.image_fit {self.image_fit!r} is not one of crop, pad")
         if not self.worker_timeout_s > 0:
             raise ConfigError(f"data.worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+        if self.clip_window not in ("random", "start"):
+            raise ConfigError(f"data.clip_window {self.clip_window!r} is not one of random, start")
+        if self.open_retries < 0 or self.retry_wait_s < 0:
+            raise ConfigError("data.open_retries and data.retry_wait_s must be >= 0")
+        bad = [t for t in self.task_shards if t not in TASKS]
+        if bad:
+            raise ConfigError(f"data.task_shards: unknown task(s) {bad} (one of {', '.join(TASKS)})")
 
 
 @dataclass

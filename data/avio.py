@@ -92,11 +92,28 @@ def _checked(box: av.container.InputContainer, limits: DecodeLimits) -> MediaInf
     return info
 
 
-def probe(data: bytes, limits: DecodeLimits = LIMITS) -> MediaInfo:
-    """Streams, duration, frame rate, size and sample rate of an mp4, read from its header and checked
-    against `limits` (ValueError)."""
-    with _open(data) as box:
+def probe(data: bytes, limits: DecodeLimits = LIMITS, container: str = "mp4") -> MediaInfo:
+    """Streams, duration, frame rate, size and sample rate of an mp4 (or another `container`: "matroska"
+    for webm / mkv), read from its header and checked against `limits` (ValueError)."""
+    with _open(data, container) as box:
         return _checked(box, limits)
+
+
+def has_audio_stream(data: bytes, container: str = "mp4") -> bool:
+    """Whether the container's header lists an audio stream (ValueError if it cannot be opened)."""
+    with _open(data, container) as box:
+        return bool(box.streams.audio)
+
+
+def audio_duration(data: bytes, limits: DecodeLimits = LIMITS, container: str | None = None) -> float:
+    """Seconds of audio that the header promises (libsndfile formats, or `container` through PyAV)."""
+    if container is not None:
+        return probe(data, limits, container).duration
+    try:
+        info = soundfile.info(io.BytesIO(data))
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
+        raise ValueError(f"cannot decode audio: {getattr(err, 'error_string', err)}") from err
+    return info.frames / info.samplerate if info.samplerate > 0 else 0.0
 
 
 def _frames(box: av.container.InputContainer, spec: ClipSpec, start: float, max_fps: float) -> np.ndarray:
@@ -178,10 +195,11 @@ def decode_av(
     video: bool = True,
     audio: bool = True,
     limits: DecodeLimits = LIMITS,
+    container: str = "mp4",
 ) -> Clip:
-    """The spec-sized clip at `start` seconds of an mp4's video and/or audio (ValueError if missing or
-    outside `limits`). Decoding stops once the window is covered."""
-    with _open(data) as box:
+    """The spec-sized clip at `start` seconds of an mp4's (or another `container`'s) video and/or audio
+    (ValueError if missing or outside `limits`). Decoding stops once the window is covered."""
+    with _open(data, container) as box:
         _checked(box, limits)
         try:
             if video and not box.streams.video:
@@ -199,10 +217,17 @@ def decode_av(
 
 
 def decode_audio(
-    data: bytes, spec: ClipSpec, start: float = 0.0, limits: DecodeLimits = LIMITS
+    data: bytes,
+    spec: ClipSpec,
+    start: float = 0.0,
+    limits: DecodeLimits = LIMITS,
+    container: str | None = None,
 ) -> np.ndarray:
-    """wav / flac (soundfile, `limits.audio_formats`) -> the spec's [C, N] float32 at `start`. Only the
-    window (plus a margin for the resampler) is read, after the header passed `limits`."""
+    """wav / flac / ogg / mp3 (soundfile, `limits.audio_formats`), or the audio of a `container` (PyAV,
+    e.g. "mp4" for m4a) -> the spec's [C, N] float32 at `start`. Only the window (plus a margin for the
+    resampler) is read, after the header passed `limits`."""
+    if container is not None:
+        return decode_av(data, spec, start, video=False, audio=True, limits=limits, container=container).audio
     try:
         info = soundfile.info(io.BytesIO(data))
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:

@@ -35,7 +35,7 @@ class DecodeLimits:
     `max_channels` x the clip's seconds for audio (tests/test_hostile_data.py measures it)."""
 
     image_formats: list[str] = field(default_factory=lambda: ["PNG", "JPEG", "WEBP"])  # Pillow names
-    audio_formats: list[str] = field(default_factory=lambda: ["WAV", "FLAC"])  # libsndfile names
+    audio_formats: list[str] = field(default_factory=lambda: ["WAV", "FLAC", "OGG", "MP3"])  # libsndfile
     video_codecs: list[str] = field(default_factory=lambda: ["h264", "hevc", "vp8", "vp9", "av1", "mpeg4"])
     audio_codecs: list[str] = field(
         default_factory=lambda: ["aac", "mp3", "opus", "vorbis", "flac", "alac", "pcm_s16le", "pcm_f32le"]

@@ -1,11 +1,20 @@
-"""Where a task's shards are: a make_shards folder (its manifest, else `<task>-*.tar`), a glob, a brace
-pattern, one file or a list; and what a shard folder holds. The reader is `data/pipeline.py`.
+"""Where the shards are, and which task each shard's samples feed. The reader is `data/pipeline.py`.
+
+    sets = find_shards("/data/laion/{00000..00099}.tar,shards/av")   # ShardSets(typed=..., mixed=...)
+
+A source (`data.shards`, comma-separated) is
+- a make_shards folder: its manifest (else its `<task>-*.tar` files) says each shard's task ("typed");
+- a folder of other `.tar` files, a glob, a brace pattern, one file, or a URL that webdataset's gopen
+  opens (`pipe:aws s3 cp s3://bucket/{000..099}.tar -`, `file:`, `http(s):`): "mixed", where each
+  sample's task is inferred from its fields (`data/fields.py`).
+`data.task_shards` ({task: source}) makes a source's shards typed as that task.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from webdataset.shardlists import expand_urls
@@ -13,6 +22,7 @@ from webdataset.shardlists import expand_urls
 from selfflow.data.shards import is_url
 
 MANIFEST = "manifest.json"
+TASKS = ("image", "video", "audio", "av")
 ShardSource = str | Path | list[str | Path] | tuple[str | Path, ...]
 
 
@@ -59,6 +69,51 @@ def resolve_shards(shards: ShardSource, task: str = "image") -> list[str]:
         if not is_url(path) and not Path(path).is_file():
             raise FileNotFoundError(f"shard {path} not found")
     return paths
+
+
+@dataclass
+class ShardSets:
+    typed: dict[str, list[str]] = field(default_factory=dict)  # task -> shards holding only that task
+    mixed: list[str] = field(default_factory=list)  # shards whose samples are routed by their fields
+
+
+def _expand(source: str) -> list[str]:
+    """A glob (local), or a brace pattern / URL / plain path (webdataset's expansion); checked to exist."""
+    if not is_url(source) and any(c in source for c in "*?["):
+        paths = sorted(glob.glob(source))
+    else:
+        paths = expand_urls(source)
+    if not paths:
+        raise FileNotFoundError(f"no shards match {source}")
+    for path in paths:
+        if not is_url(path) and not Path(path).is_file():
+            raise FileNotFoundError(f"shard {path} not found")
+    return paths
+
+
+def find_shards(shards: ShardSource, task_shards: dict[str, str] | None = None) -> ShardSets:
+    """Every source of `shards` (and `task_shards`) sorted into typed and mixed shard lists."""
+    sets = ShardSets()
+    for source in split_sources(shards):
+        folder = Path(source)
+        if not is_url(source) and folder.is_dir():
+            listed = {t: _manifest_shards(folder, t) for t in TASKS}
+            if all(v is None for v in listed.values()):  # no manifest: shard names say the task
+                listed = {t: sorted(glob.glob(str(folder / f"{t}-*.tar"))) for t in TASKS}
+            named = {p for paths in listed.values() for p in paths or []}
+            for task, paths in listed.items():
+                sets.typed.setdefault(task, []).extend(paths or [])
+            sets.mixed += [p for p in sorted(glob.glob(str(folder / "*.tar"))) if p not in named]
+            if not named and not sets.mixed:
+                raise FileNotFoundError(f"no .tar shards in {folder}")
+        else:
+            sets.mixed += _expand(source)
+    for task, source in (task_shards or {}).items():
+        if task not in TASKS:
+            raise ValueError(f"data.task_shards: unknown task {task!r} (one of {', '.join(TASKS)})")
+        sets.typed.setdefault(task, []).extend(p for s in split_sources(source) for p in _expand(s))
+    sets.typed = {t: paths for t, paths in sets.typed.items() if paths}
+    return sets
 
 
 def describe_shards(path: str | Path) -> dict:

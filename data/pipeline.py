@@ -28,10 +28,12 @@ another list is a DataError unless `allow_changed_shards` (the saved positions t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +43,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfflow.data.decode import FITS, LIMITS, DecodeLimits
-from selfflow.data.loader import resolve_shards, split_sources
-from selfflow.data.streams import TASK_MODALITIES, DataError, TaskStream
+from selfflow.data.decode import FITS
+from selfflow.data.fields import infer_task
+from selfflow.data.loader import ShardSource, find_shards
+from selfflow.data.shards import iter_tar_samples
+from selfflow.data.streams import CLIP_WINDOWS, TASK_MODALITIES, DataError, TaskStream
 from selfflow.tokenizers.spec import ClipSpec
 
 
@@ -56,18 +60,22 @@ class MediaBatch:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # ("shard:key", reason) met on the way
 
 
-def available_tasks(shards: str | Path) -> list[str]:
-    """Tasks with a shard set in any of the make_shards output folders `shards` names (comma-separated;
-    a folder's manifest counts, else its file prefixes)."""
-    found = set()
-    for source in split_sources(shards):
-        folder = Path(source)
-        manifest = folder / "manifest.json"
-        if manifest.is_file():
-            counts = json.loads(manifest.read_text()).get("counts", {})
-            found.update(t for t in TASK_MODALITIES if counts.get(t, 0) > 0)
-        else:
-            found.update(t for t in TASK_MODALITIES if any(folder.glob(f"{t}-*.tar")))
+def available_tasks(
+    shards: ShardSource, task_shards: dict[str, str] | None = None, peek: int = 64
+) -> list[str]:
+    """Tasks found in `shards`: those of typed shard sets, and, for mixed sources, those of the first
+    `peek` samples of their first readable shard (a task that first appears later needs data.weights)."""
+    sets = find_shards(shards, task_shards)
+    found = set(sets.typed)
+    for shard in sets.mixed[:4]:
+        try:
+            for _, raw in zip(range(peek), iter_tar_samples(shard), strict=False):
+                with contextlib.suppress(ValueError):
+                    found.add(infer_task(raw))
+        except (tarfile.TarError, OSError):
+            continue
+        if found - set(sets.typed):
+            break
     return [t for t in TASK_MODALITIES if t in found]
 
 
@@ -88,15 +96,11 @@ def check_fingerprints(saved: dict[str, str] | None, current: dict[str, str], al
         )
 
 
-def _task_shards(shards: str | Path, task: str) -> list[str]:
-    """The task's shards from every source that has some."""
-    sources = [s for s in split_sources(shards) if task in available_tasks(s)]
-    return [path for source in sources for path in resolve_shards(source, task)]
-
-
 class DataPipeline:
     """Per-task streams mixed by weight; each batch holds one task with that task's batch size.
-    `shards` may name several make_shards folders, comma-separated: a task reads all of their shards."""
+    `shards` names sources, comma-separated (`data/loader.py`): a task reads its typed shards and every
+    mixed shard, where it takes the samples whose fields make them its own. `options` are TaskStream's
+    (shuffle_buffer, strict, image_fit, limits, caption_key, clip_window, open_retries, retry_wait_s)."""
 
     def __init__(
         self,
@@ -111,17 +115,18 @@ class DataPipeline:
         world: int = 1,
         worker: int = 0,
         workers: int = 1,
-        shuffle_buffer: int = 256,
-        strict: bool = False,
-        image_fit: str = "crop",
-        limits: DecodeLimits = LIMITS,
+        task_shards: dict[str, str] | None = None,
         allow_changed_shards: bool = False,
+        **options: Any,
     ) -> None:
-        if image_fit not in FITS:
-            raise ValueError(f"image_fit must be one of {', '.join(FITS)}, got {image_fit!r}")
-        found = available_tasks(shards)
-        weights = dict(weights) if weights else {t: 1.0 for t in found}
-        missing = [t for t in weights if t not in found]
+        if options.get("image_fit", "crop") not in FITS:
+            raise ValueError(f"image_fit must be one of {', '.join(FITS)}, got {options['image_fit']!r}")
+        if options.get("clip_window", "random") not in CLIP_WINDOWS:
+            raise ValueError(f"clip_window must be one of {', '.join(CLIP_WINDOWS)}")
+        sets = find_shards(shards, task_shards)
+        if not weights:
+            weights = {t: 1.0 for t in available_tasks(shards, task_shards)}
+        missing = [t for t in weights if t not in sets.typed] if not sets.mixed else []
         if missing or not weights:
             raise FileNotFoundError(
                 f"no shard set for task(s) {missing or list(TASK_MODALITIES)} in {shards}"
@@ -135,13 +140,12 @@ class DataPipeline:
         self.batch_sizes = {t: int((batch_sizes or {}).get(t, batch_size)) for t in self.tasks}
         self.seed, self.rank, self.worker, self.batches = seed, rank, worker, 0
         self.allow_changed_shards = allow_changed_shards
-        proc = {"rank": rank, "world": world, "worker": worker, "workers": workers, "image_fit": image_fit}
-        lists = {t: _task_shards(shards, t) for t in self.tasks}
+        proc = {"rank": rank, "world": world, "worker": worker, "workers": workers}
+        lists = {t: sets.typed.get(t, []) + sets.mixed for t in self.tasks}
         self.fingerprints = {t: shard_fingerprint(paths) for t, paths in lists.items()}
-        self.streams = {
-            t: TaskStream(
-                t, paths, spec, seed, shuffle_buffer=shuffle_buffer, strict=strict, limits=limits, **proc
-            )
+        mixed = frozenset(sets.mixed)
+        self.streams = {  # the first stream counts the faults of the mixed shards they all read
+            t: TaskStream(t, paths, spec, seed, mixed=mixed, accounting=t == self.tasks[0], **proc, **options)
             for t, paths in lists.items()
         }
 

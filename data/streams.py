@@ -10,7 +10,9 @@ a resumed stream replays to its position are not counted twice. `strict=True` ra
 
 from __future__ import annotations
 
+import re
 import tarfile
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,13 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from selfflow.data.avio import decode_audio, decode_av
-from selfflow.data.decode import FITS, IMAGE_FIELDS, LIMITS, DecodeLimits, open_image, to_channels
-from selfflow.data.shards import iter_tar_samples
+from selfflow.data.avio import audio_duration, decode_audio, decode_av, probe
+from selfflow.data.decode import FITS, LIMITS, DecodeLimits, open_image, to_channels
+from selfflow.data.fields import (
+    AUDIO_CONTAINERS,
+    TASK_FIELDS,
+    VIDEO_CONTAINERS,
+    caption_of,
+    infer_task,
+    media_field,
+)
+from selfflow.data.shards import is_url, iter_tar_samples
 from selfflow.tokenizers.spec import ClipSpec
 
 TASK_MODALITIES = {"image": ("image",), "video": ("video",), "audio": ("audio",), "av": ("video", "audio")}
-TASK_FIELDS = {"image": IMAGE_FIELDS, "video": ("mp4",), "audio": ("flac", "wav"), "av": ("mp4",)}
+CLIP_WINDOWS = ("random", "start")
 _KEEP = 10_000  # skipped samples remembered by key per stream (all are counted)
 
 
@@ -40,13 +50,20 @@ class Sample:
 
 
 def decode_sample(
-    raw: dict, task: str, spec: ClipSpec, image_fit: str = "crop", limits: DecodeLimits = LIMITS
+    raw: dict,
+    task: str,
+    spec: ClipSpec,
+    image_fit: str = "crop",
+    limits: DecodeLimits = LIMITS,
+    caption_key: str = "caption",
+    rng: np.random.Generator | None = None,
 ) -> Sample:
     """A raw tar sample {"__key__", field: bytes} -> Sample; DataError naming the problem, whatever
     failed (MemoryError and unexpected decoder errors included). Images meet the spec's size by
-    `image_fit`: "crop" (cover, cut the centre) or "pad" (fit inside, extend the border)."""
+    `image_fit`: "crop" (cover, cut the centre) or "pad" (fit inside, extend the border). A clip longer
+    than the spec's duration gives a window at a start drawn from `rng` (its first seconds without)."""
     try:
-        return _decode(raw, task, spec, image_fit, limits)
+        return _decode(raw, task, spec, image_fit, limits, caption_key, rng)
     except DataError:
         raise
     except ValueError as err:
@@ -55,29 +72,41 @@ def decode_sample(
         raise DataError(f"{type(err).__name__}: {err}") from err
 
 
-def _decode(raw: dict, task: str, spec: ClipSpec, image_fit: str, limits: DecodeLimits) -> Sample:
+def _window_start(duration: float, spec: ClipSpec, rng: np.random.Generator | None) -> float:
+    """Where the clip starts in a source of `duration` seconds: 0, or uniform over the starts whose
+    window the source covers (a frame's margin for rounding in the header's duration)."""
+    room = duration - spec.duration - 1.0 / spec.fps
+    return float(rng.uniform(0.0, room)) if rng is not None and room > 0 else 0.0
+
+
+def _decode(
+    raw: dict,
+    task: str,
+    spec: ClipSpec,
+    image_fit: str,
+    limits: DecodeLimits,
+    caption_key: str,
+    rng: np.random.Generator | None,
+) -> Sample:
     key = str(raw["__key__"])
     if "__error__" in raw:
         raise DataError(str(raw["__error__"]))
-    field_name = next((f for f in TASK_FIELDS[task] if f in raw), None)
-    if field_name is None:
+    name = media_field(raw, task)
+    if name is None:
         raise DataError(f"no {'/'.join(TASK_FIELDS[task])} field")
-    caption = raw.get("txt", b"")
-    try:
-        caption = caption.decode("utf-8").strip() if isinstance(caption, bytes) else str(caption).strip()
-    except UnicodeDecodeError as err:
-        raise DataError("caption is not UTF-8") from err
-    if not caption:
-        raise DataError("missing or empty caption")
-    data = raw[field_name]
+    caption, data = caption_of(raw, caption_key), raw[name]
     if task == "image":
         img = to_channels(open_image(data, limits), spec.video_channels)
         pixels = np.asarray(FITS[image_fit](img, spec.image_height, spec.image_width), np.float32)
         media = {"image": pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1) / 127.5 - 1}
     elif task == "audio":
-        media = {"audio": decode_audio(data, spec, limits=limits)}
+        box = AUDIO_CONTAINERS[name]
+        start = _window_start(audio_duration(data, limits, box), spec, rng) if rng is not None else 0.0
+        media = {"audio": decode_audio(data, spec, start, limits, box)}
     else:
-        clip = decode_av(data, spec, video=True, audio=task == "av", limits=limits)
+        box = VIDEO_CONTAINERS[name]
+        start = _window_start(probe(data, limits, box).duration, spec, rng) if rng is not None else 0.0
+        clip = decode_av(data, spec, start, video=True, audio=task == "av", limits=limits, container=box)
         media = {"video": clip.video.astype(np.float32).transpose(3, 0, 1, 2) / 127.5 - 1}  # [C, T, H, W]
         if clip.audio is not None:
             media["audio"] = clip.audio
@@ -114,6 +143,12 @@ class TaskStream:
     strict: bool = False
     image_fit: str = "crop"
     limits: DecodeLimits = LIMITS
+    caption_key: str = "caption"  # the json entry read when a sample has no txt / caption field
+    clip_window: str = "random"  # where a longer clip is cut: "random" (seeded by the position) | "start"
+    mixed: frozenset[str] = frozenset()  # shards whose samples are routed by their fields (infer_task)
+    accounting: bool = True  # counts faults of the mixed shards (one stream of those that share them)
+    open_retries: int = 3  # a URL shard that fails is opened again this often, then skipped
+    retry_wait_s: float = 1.0  # before the first retry; doubled each time
     epoch: int = 0
     position: int = 0  # raw samples consumed in this epoch, bad ones included
     skipped: dict[str, str] = field(default_factory=dict)  # "shard:key" -> reason (the latest _KEEP)
@@ -136,13 +171,30 @@ class TaskStream:
         return [self.shards[i] for i in mine]
 
     def _tar_samples(self, shards: list[str]) -> Iterator[tuple[str, dict]]:
-        max_bytes = int(self.limits.max_field_mb * 1e6)
         for shard in shards:
+            yield from ((shard, raw) for raw in self._shard_samples(shard))
+
+    def _shard_samples(self, shard: str) -> Iterator[dict]:
+        """One shard's samples. A URL that fails (a command's exit status, a dropped connection) is
+        opened again up to `open_retries` times, passing over the samples already given; then, like a
+        damaged local file, it is one counted fault and the rest of the shard is skipped."""
+        given, attempt, max_bytes = 0, 0, int(self.limits.max_field_mb * 1e6)
+        while True:
             try:
-                for raw in iter_tar_samples(shard, max_bytes):
-                    yield shard, raw
+                for i, raw in enumerate(iter_tar_samples(shard, max_bytes)):
+                    if i >= given:
+                        given += 1
+                        yield raw
+                return
             except (tarfile.TarError, OSError) as err:
-                self._fault(f"{shard}:*", f"unreadable shard from here on: {err}")
+                if is_url(shard) and attempt < self.open_retries:
+                    time.sleep(self.retry_wait_s * 2**attempt)
+                    attempt += 1
+                    continue
+                tries = f" (after {attempt + 1} attempts)" if is_url(shard) else ""
+                why = f"unreadable shard from here on{tries}: {_one_line(err)}"
+                self._fault(f"{shard}:*", why, shared=True)
+                return
 
     def _epoch_stream(self, skip: int) -> Iterator[tuple[str, dict]]:
         salt = zlib.crc32(self.task.encode())
@@ -158,7 +210,11 @@ class TaskStream:
             self._replaying = False
         return stream
 
-    def _fault(self, where: str, reason: str) -> None:
+    def _fault(self, where: str, reason: str, shared: bool = False) -> None:
+        """Count a bad sample or shard. A `shared` fault (the shard itself, or a sample whose task
+        cannot be told) is met by every stream reading a mixed shard: only the accounting one counts it."""
+        if shared and where.rpartition(":")[0] in self.mixed and not self.accounting:
+            return
         if self.strict:
             raise DataError(f"{where}: {reason}")
         if self._replaying:
@@ -186,10 +242,28 @@ class TaskStream:
                 self._raw = self._epoch_stream(skip=0)
                 continue
             self.position += 1
+            where = f"{raw['__shard__']}:{raw['__key__']}"
+            if raw["__shard__"] in self.mixed:
+                try:
+                    if infer_task(raw, self.limits) != self.task:
+                        continue  # another task's sample
+                except Exception as err:  # no known media field, a container that will not open, ...
+                    self._fault(where, _one_line(err), shared=True)
+                    continue
             try:
-                return decode_sample(raw, self.task, self.spec, self.image_fit, self.limits)
+                return decode_sample(
+                    raw, self.task, self.spec, self.image_fit, self.limits, self.caption_key, self._rng()
+                )
             except DataError as err:
-                self._fault(f"{raw['__shard__']}:{raw['__key__']}", str(err))
+                self._fault(where, str(err))
+
+    def _rng(self) -> np.random.Generator | None:
+        """The generator of this sample's clip window: a function of the position, so a resumed run
+        cuts the same windows."""
+        if self.clip_window != "random" or self.task == "image":
+            return None
+        salt = zlib.crc32(self.task.encode())
+        return np.random.default_rng([self.seed, self.rank, self.worker, self.epoch, salt, self.position])
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "skipped_count": self.skipped_count}
@@ -198,3 +272,10 @@ class TaskStream:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.skipped_count = int(state.get("skipped_count", 0))
         self._raw = self._epoch_stream(skip=self.position)
+
+
+def _one_line(err: BaseException) -> str:
+    """A shard error in one line; a failed `pipe:` command as its exit status, without gopen's repr."""
+    text = " ".join(str(err).split())
+    status = re.search(r"exit (-?\d+)", text) if text.startswith("((") else None
+    return f"command exited with status {status.group(1)}" if status else text

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class Trainer:
     encode_text: TextConditioner
     step: int = 0
     samples_seen: int = 0
+    task_samples: dict[str, int] = field(default_factory=dict)  # samples seen per task
     skipped: int = 0  # bad samples the data pipeline has skipped so far
     nonfinite: int = 0  # steps not applied because the loss or a gradient was NaN / Inf
     nonfinite_streak: int = 0  # of them, consecutive up to the last step (> 0: the last was one)
@@ -177,6 +178,7 @@ def train_step(tr: Trainer, batch: Batch) -> ObjectiveOutput:
         tr.nonfinite, tr.nonfinite_streak = tr.nonfinite + 1, tr.nonfinite_streak + 1
     tr.step += 1
     tr.samples_seen += out.loss.shape[0]
+    tr.task_samples[batch.task] = tr.task_samples.get(batch.task, 0) + out.loss.shape[0]
     return out
 
 
@@ -201,6 +203,11 @@ def build_data(cfg: Config, dist: Dist = SINGLE) -> DataPipeline | WorkerPipelin
         image_fit=d.image_fit,
         limits=d.limits,
         allow_changed_shards=d.allow_changed_shards,
+        task_shards=d.task_shards,
+        caption_key=d.caption_key,
+        clip_window=d.clip_window,
+        open_retries=d.open_retries,
+        retry_wait_s=d.retry_wait_s,
     )
     if d.num_workers > 0:
         return WorkerPipeline(kwargs, d.num_workers, timeout=d.worker_timeout_s)
@@ -261,6 +268,7 @@ def write_samples(
 def _log_interval(tr: Trainer, meter: MetricMeter, logger: RunLogger, bar: tqdm) -> dict[str, Any]:
     last = meter.flush() if meter.steps else {}  # an interval of skipped steps has no means
     last |= {"lr": tr.scheduler.get_last_lr()[0], "samples_seen": tr.samples_seen}
+    last |= {f"samples_seen_{task}": n for task, n in sorted(tr.task_samples.items())}
     last |= {"skipped_samples": tr.skipped, "nonfinite_steps": tr.nonfinite}
     logger.log(tr.step, last)
     bar.set_postfix(loss=f"{last.get('loss', math.nan):.4f}", cos=f"{last.get('rep_cos', math.nan):.3f}")
@@ -281,7 +289,7 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     the run locks (RunLocked when another job holds it). A preemption signal (`train.preempt_signals`)
     saves at the next step boundary and returns. Under torchrun / the deepspeed launcher every rank runs
     this; rank 0 locks, logs, draws samples and prints."""
-    if not cfg.data.shards:
+    if not cfg.data.shards and not cfg.data.task_shards:
         raise ConfigError(
             "data.shards is empty: build shards with tools/make_shards.py, then data.shards=DIR"
         )

@@ -83,6 +83,7 @@ def save(tr: Trainer, run_dir: Path) -> Path:
         trainer["optimizer"] = tr.optimizer.state_dict()
     rng = {"generator": tr.generator.get_state(), "cpu_rng": torch.get_rng_state()}
     state = {"samples_seen": tr.samples_seen, "ema": tr.ema.meta(), "nonfinite": tr.nonfinite}
+    state["task_samples"] = dict(tr.task_samples)
     data = tr.data.state_dict() if tr.data is not None else None
     state["ema_teacher"] = tr.teacher_ema.meta()
     root, keep = run_dir / "checkpoints", tr.cfg.train.keep_last
@@ -92,7 +93,7 @@ def save(tr: Trainer, run_dir: Path) -> Path:
     if tr.engine is not None:
         rng["optimizer"] = dist_io.optimizer_state(tr.engine)
     state |= {"world": tr.dist.world, "engine": _engine_name(tr)}
-    mine = (rng, {"samples_seen": tr.samples_seen, "data": data})
+    mine = (rng, {"samples_seen": tr.samples_seen, "task_samples": dict(tr.task_samples), "data": data})
     main = (weights, trainer, state, tr.cfg) if tr.dist.is_main else None
     return ckpt_io.save_checkpoint_ranks(
         root, tr.step, tr.dist.rank, lambda: dist_io.barrier(tr.dist), main, mine, keep
@@ -197,6 +198,7 @@ def restore(tr: Trainer, ckpt: Path) -> None:
     tr.generator.set_state(rng["generator"])
     torch.set_rng_state(rng["cpu_rng"])
     tr.step, tr.samples_seen = int(state["step"]), int(mine["samples_seen"])
+    tr.task_samples = {t: int(n) for t, n in mine.get("task_samples", {}).items()}
     tr.nonfinite = int(state.get("nonfinite", 0))
     if tr.data is not None and mine.get("data"):  # the next batch is the interrupted run's next batch
         tr.data.load_state_dict(mine["data"])
