@@ -5,7 +5,12 @@
     python tools/make_shards.py --output OUT --verify      # only check existing shards
 
 Input: a folder (`x.jpg` / `x.mp4` / `x.wav` / `x.flac` + caption `x.txt`, optional `x.json`), or a
-JSONL / CSV manifest with `path`, `caption` and optional `key` and metadata (see `data/inputs.py`).
+JSONL / CSV manifest with `path`, `caption` and optional `key` and metadata (see `data/inputs.py`), or
+existing WebDataset shards (img2dataset, video2dataset, ...): a folder of `.tar` files, a glob, a brace
+pattern `DIR/{00000..00009}.tar`, or a URL `pipe:cat DIR/{0..3}.tar` / `file:` / `http(s):`. A shard
+sample needs a media field and a caption (`txt`, `caption`, or the `--caption-key` of its `json`); its
+samples are staged in OUT/.staging and validated like a folder's files (see `data/tarinputs.py`), and a
+bad sample is listed as `<shard>:<key>`, an unreadable shard as `<shard>`.
 
 Output in OUT: `image-000000.tar`, `video-...`, `audio-...`, `av-...` (an mp4 with an audio track goes
 to `av`, one without to `video`); each sample holds `__key__`, its media (`png` / `jpg` / `webp`,
@@ -28,6 +33,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import shutil
 import sys
 import tempfile
 import time
@@ -46,9 +52,11 @@ from selfflow.data.latents import LatentOptions, check_latents
 from selfflow.data.packing import TASKS, Outcome, Prepared, Target, prepare
 from selfflow.data.shards import ShardLimits
 from selfflow.data.shardsets import MANIFEST, Progress, TaskShards, remove_stale, sample_stats, verify
+from selfflow.data.tarinputs import Staged, check_sources, stage_tars, tar_sources
 from selfflow.tokenizers.spec import ClipSpec
 
 SKIPPED = "skipped.jsonl"
+STAGING = ".staging"  # input shards, unpacked (removed at the end)
 FORMAT = "selfflow-shards/2"
 
 
@@ -156,9 +164,10 @@ def _pooled(
         pool.join()
 
 
-def check_output(output: Path, source: Path) -> None:
-    if output.resolve() == source.resolve():
+def check_output(output: Path, source: str, shards: list[str]) -> None:
+    if output.resolve() == Path(source).resolve():
         raise ValueError(f"--output {output} must differ from --input")
+    check_sources(shards, output)
     try:
         output.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output):
@@ -168,10 +177,24 @@ def check_output(output: Path, source: Path) -> None:
 
 
 def build(args: argparse.Namespace, work: Callable[..., Outcome] = prepare) -> str:
-    """Scan, validate, write shards, skipped.jsonl and manifest.json; returns a summary line."""
+    """Scan, validate, write shards, skipped.jsonl and manifest.json; returns a summary line. Input
+    shards are staged in OUT/.staging (data/tarinputs.py), removed at the end: it is a copy of the media."""
     began = time.perf_counter()
-    entries, skips = scan_inputs(args.input)
-    check_output(args.output, args.input)
+    shards = tar_sources(args.input)  # None: a media folder or a manifest
+    if shards is None:
+        entries, skips = scan_inputs(Path(args.input))
+        staged = Staged(entries, skips, fingerprint(Path(args.input), entries))
+    check_output(args.output, args.input, shards or [])
+    try:
+        if shards is not None:
+            staged = stage_tars(shards, args.output / STAGING, args.limits, args.caption_key, args.quiet)
+        return _write(args, work, staged, began)
+    finally:
+        shutil.rmtree(args.output / STAGING, ignore_errors=True)
+
+
+def _write(args: argparse.Namespace, work: Callable[..., Outcome], staged: Staged, began: float) -> str:
+    entries, skips = staged.entries, staged.skips
     (args.output / MANIFEST).unlink(missing_ok=True)  # written again at the end; until then, none is true
     limits = ShardLimits(args.shard_samples, args.shard_mb)
     options = {"format": FORMAT, "target": asdict(args.target), "limits": asdict(limits)}
@@ -179,7 +202,7 @@ def build(args: argparse.Namespace, work: Callable[..., Outcome] = prepare) -> s
     if args.latent_options is not None:
         check_latents(args.latent_options)
         options["latents"] = args.latent_options.stamp()
-    progress = Progress(args.output, fingerprint(args.input, entries) + json.dumps(options, sort_keys=True))
+    progress = Progress(args.output, staged.fingerprint + json.dumps(options, sort_keys=True))
     sets = {
         t: TaskShards(args.output, t, limits, progress.shards.get(t, {}), progress.record_shard)
         for t in TASKS
@@ -194,7 +217,7 @@ def build(args: argparse.Namespace, work: Callable[..., Outcome] = prepare) -> s
             s.abort()  # an unfinished shard's temporary file (nothing after close())
         progress.close()
     remove_stale(args.output, shards)
-    skips = sorted(skips + failed, key=lambda s: (s.path, s.reason))
+    skips = sorted(staged.locate(skips + failed), key=lambda s: (s.path, s.reason))
     write_atomic(args.output / SKIPPED, "".join(json.dumps(asdict(s)) + "\n" for s in skips))
     counts = {task: sum(info.samples for info in infos) for task, infos in shards.items()}
     if not counts:
@@ -249,7 +272,12 @@ def _positive(kind: type) -> Callable[[str], float | int]:
 
 def _parser() -> _Parser:
     p = _Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", type=Path, help="folder of media + .txt (+ .json), or a .jsonl / .csv manifest")
+    p.add_argument(
+        "--input",
+        help="folder of media + .txt (+ .json), a .jsonl / .csv manifest, or WebDataset shards: a folder of "
+        ".tar files, a glob, a brace pattern (DIR/{00000..00009}.tar) or a URL (pipe:cmd, file:, http:)",
+    )
+    p.add_argument("--caption-key", default="caption", help="key of the caption in a shard sample's json")
     p.add_argument("--output", type=Path, required=True, help="folder for shards and manifest")
     p.add_argument("--shard-samples", type=_positive(int), help="at most this many samples per shard")
     p.add_argument(
