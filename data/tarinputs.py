@@ -56,6 +56,7 @@ REJECTED_FIELDS = {
     "m4a": "m4a (AAC) audio is not supported (soundfile cannot decode it)",
 }
 _GLOB = "*?["
+MAX_KEY = 200  # staged as `<key>.<field>`, and clips add `_c000`: within any file system's name limit
 
 
 @dataclass
@@ -172,6 +173,9 @@ class _Stager:
             self.skips.append(Skip(where, str(err)))
             return
         key = to_key(sample["__key__"])
+        if len(key) > MAX_KEY:
+            self.skips.append(Skip(where, f"key is longer than {MAX_KEY} characters"))
+            return
         if key in self.owner:
             self.skips.append(Skip(where, f"key {key!r} is already taken by {self.owner[key]}"))
             return

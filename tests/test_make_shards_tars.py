@@ -64,7 +64,7 @@ def laion_like(i: int, caption: str | None = "", **fields) -> dict:
 
 def image_corpus(folder: Path) -> Path:
     """3 img2dataset shards: 5 good samples (one keyed with a folder prefix, one captioned only in its
-    json) and 4 bad ones."""
+    json) and 5 bad ones."""
     corrupt = jpeg(3)[:2] + bytes(100) + jpeg(3)[102:]
     caption_in_json = json.dumps({"caption": "caption from json", "status": "ok"})
     prefixed = {"__key__": "00000/000000002", "png": png(2), "txt": "green"}  # a key with a folder
@@ -81,6 +81,7 @@ def image_corpus(folder: Path) -> Path:
                 laion_like(0, "the same key again"),
                 {"__key__": "000000007", "webm": b"\x1aE\xdf\xa3 not really", "txt": "a webm clip"},
                 laion_like(8),
+                {"__key__": "x" * 250, "jpg": jpeg(9), "txt": "a key too long for a file name"},
             ],
         },
     )  # fmt: skip
@@ -125,9 +126,9 @@ def image_out(corpus: Path, tmp_path_factory) -> tuple[Path, subprocess.Complete
 def test_brace_pattern_of_image_shards_is_resharded_validated(image_out, corpus: Path):
     out, done = image_out
     assert done.returncode == 0, done.stderr
-    assert "wrote 5 image samples in 3 shard(s)" in done.stdout and "skipped 4" in done.stdout
+    assert "wrote 5 image samples in 3 shard(s)" in done.stdout and "skipped 5" in done.stdout
     manifest = manifest_of(out)
-    assert manifest["counts"] == {"image": 5} and manifest["skipped"] == 4
+    assert manifest["counts"] == {"image": 5} and manifest["skipped"] == 5
     assert [s["samples"] for s in manifest["shards"]["image"]] == [2, 2, 1]
     reasons = skipped(out)
     assert reasons.pop(f"{corpus}/00001.tar:000000003").startswith("cannot decode image: ")
@@ -135,6 +136,7 @@ def test_brace_pattern_of_image_shards_is_resharded_validated(image_out, corpus:
         f"{corpus}/00001.tar:000000005": "missing caption (no txt, no caption field, no json 'caption')",
         f"{corpus}/00002.tar:000000000": f"key '000000000' is already taken by {corpus}/00000.tar:000000000",
         f"{corpus}/00002.tar:000000007": "webm video is not supported (data/avio.py demuxes mp4 only)",
+        f"{corpus}/00002.tar:{'x' * 250}": "key is longer than 200 characters",
     }
     samples = {s["__key__"]: s for s in samples_of(out, "image")}
     assert list(samples) == ["000000000", "000000001", "000000004", "000000008", "00000_000000002"]
