@@ -8,20 +8,21 @@ Sources: a folder holding `.tar` files and no media, one `.tar`, a glob (`/data/
 (`/data/{00000..00009}.tar`), or a URL that webdataset's gopen opens (`pipe:cat /x/{0..3}.tar`,
 `file:/x/a.tar`, `http(s)://...`), brace-expanded as webdataset does.
 
-Why staging: `packing.prepare` decodes one file per entry, in any process of the pool, and the resume
-log fingerprints files. Streaming each shard once and writing each sample's media to
-`<staging>/<key>.<field>` (fixed mtime) gives entries that go through exactly the same decoding,
-limits, re-encoding, clip cutting, ordering and resuming as a media folder, with only one sample's
-bytes in memory at a time. The fingerprint adds a hash of every staged byte, so a changed shard is
-noticed even when its sizes are not. The cost is disk: the staging holds a copy of the media until
-make_shards removes it at the end.
+Why staging: `packing.prepare` decodes one file per entry, in any process of the pool. Streaming each
+shard once and writing each sample's media to `<staging>/<key>.<field>` gives entries that go through
+exactly the same decoding, limits, re-encoding, clip cutting, ordering and resuming as a media folder,
+with only one sample's bytes in memory at a time. The resume log's fingerprint hashes every staged key,
+caption, metadata and media byte: it does not depend on where the shards or the output lie, and it
+notices a changed shard even when no size changes. The cost is disk: the staging holds a copy of the
+media until make_shards removes it at the end.
 
-A sample is: a media field (`jpg`/`jpeg`/`png`/`webp`, `mp4`, `flac`/`wav`, and `mp3`/`ogg`/`opus` where
-`data.limits.audio_formats` allows MP3 / OGG; the first in that order if there are several), a caption
-(`txt`, else a `caption` field, else `json[caption_key]`) and optional `json` metadata (kept if it is an
-object). Keys are sanitised by `inputs.to_key` (`00000/000000123` -> `00000_000000123`). Everything
-unusable is a Skip at `<shard>:<key>`; a shard that cannot be opened or read to its end is a Skip at
-`<shard>`, and the last sample read before the damage too (it may be missing members).
+A sample is: a media field (`mp4`, `jpg`/`jpeg`/`png`/`webp`, `flac`/`wav`, and `mp3`/`ogg`/`opus` where
+`data.limits.audio_formats` allows MP3 / OGG; the first in that order if there are several; `webm`,
+`mkv` and `m4a` are rejected, nothing here decodes them), a caption (`txt`, else a `caption` field, else
+`json[caption_key]`) and optional `json` metadata (kept if it is an object). Keys are sanitised by
+`inputs.to_key` (`00000/000000123` -> `00000_000000123`). Everything unusable is a Skip at
+`<shard>:<key>`; a shard that cannot be opened or read to its end is a Skip at `<shard>`, and so is the
+last sample read before the damage (it may be missing members).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -41,8 +41,8 @@ from tqdm import tqdm
 from webdataset.shardlists import expand_urls
 
 from selfflow.data.decode import DecodeLimits
-from selfflow.data.inputs import Entry, Skip, check_caption, fingerprint, kind_of, to_key
-from selfflow.data.shards import MTIME, is_url, iter_tar_samples
+from selfflow.data.inputs import Entry, Skip, check_caption, kind_of, to_key
+from selfflow.data.shards import is_url, iter_tar_samples
 
 # media fields in order of preference -> Entry kind (`packing.prepare` decides the task from the bytes)
 MEDIA_FIELDS = {
@@ -61,8 +61,8 @@ MAX_KEY = 200  # staged as `<key>.<field>`, and clips add `_c000`: within any fi
 
 @dataclass
 class Staged:
-    """What make_shards scans: entries sorted by key, skips, a fingerprint of the inputs, and where each
-    staged file came from (`<shard>:<key>`, for skip reports)."""
+    """What make_shards scans: entries sorted by key, skips, a fingerprint of the inputs (for the resume
+    log), and where each staged file came from (`<shard>:<key>`, for skip reports)."""
 
     entries: list[Entry]
     skips: list[Skip]
@@ -182,9 +182,8 @@ class _Stager:
         self.owner[key] = where
         media = self.staging / f"{key}.{name}"
         media.write_bytes(sample[name])
-        os.utime(media, ns=(MTIME * 10**9, MTIME * 10**9))  # the folder fingerprint reads mtimes
-        self.digest.update(f"{key}\0{name}\0{len(sample[name])}\0".encode())
-        self.digest.update(sample[name])
+        record = json.dumps([key, name, len(sample[name]), caption, meta], sort_keys=True, default=str)
+        self.digest.update(record.encode() + sample[name])
         self.where[str(media)] = where
         self.entries.append(Entry(key, media, kind, caption, meta))
 
@@ -214,10 +213,9 @@ def stage_tars(
     shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
     staging.mkdir(parents=True)
     stager = _Stager(staging, caption_key)
-    stager.digest.update(json.dumps([sources, caption_key]).encode())
+    stager.digest.update(b"selfflow-tarinputs/1\0")  # the content counts, not where the shards lie
     for source in tqdm(sources, unit="shard", desc="reading shards", disable=quiet, file=sys.stderr):
         stager.stage(source, int(limits.max_field_mb * 1e6))
     entries = sorted(stager.entries, key=lambda e: e.key)
-    stamp = fingerprint(staging, entries) + stager.digest.hexdigest()
     skips = sorted(stager.skips, key=lambda s: (s.path, s.reason))
-    return Staged(entries, skips, stamp, stager.where)
+    return Staged(entries, skips, stager.digest.hexdigest(), stager.where)

@@ -172,6 +172,15 @@ def test_rerun_rewrites_nothing_and_workers_give_identical_shards(image_out, cor
     assert stamps(out) == before and tar_bytes(out) == data
     assert (out / "manifest.json").read_text() == manifest and not (out / ".staging").exists()
 
+    resumed = tmp_path / "resumed"  # moved, and died before its second shard and the manifest
+    shutil.copytree(out, resumed)
+    (resumed / "image-000001.tar").unlink()
+    (resumed / "manifest.json").unlink()
+    kept = stamps(resumed)
+    assert make_shards.main([*args, "--output", str(resumed)]) == 0
+    assert "2 shard(s) kept" in capsys.readouterr().out and tar_bytes(resumed) == data
+    assert {name: stamps(resumed)[name] for name in kept} == kept
+
     assert make_shards.main([*args, "--output", str(tmp_path / "w2"), "--workers", "2"]) == 0
     assert tar_bytes(tmp_path / "w2") == data and len(data) == 3
     assert skipped(tmp_path / "w2") == skipped(out)
