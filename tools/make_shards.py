@@ -5,7 +5,12 @@
     python tools/make_shards.py --output OUT --verify      # only check existing shards
 
 Input: a folder (`x.jpg` / `x.mp4` / `x.wav` / `x.flac` + caption `x.txt`, optional `x.json`), or a
-JSONL / CSV manifest with `path`, `caption` and optional `key` and metadata (see `data/inputs.py`).
+JSONL / CSV manifest with `path`, `caption` and optional `key` and metadata (see `data/inputs.py`), or
+existing WebDataset shards (img2dataset, video2dataset, ...): a folder of `.tar` files, a glob, a brace
+pattern `DIR/{00000..00009}.tar`, or a URL `pipe:cat DIR/{0..3}.tar` / `file:` / `http(s):`. A shard
+sample needs a media field and a caption (`txt`, `caption`, or the `--caption-key` of its `json`); its
+samples are staged in OUT/.staging and validated like a folder's files (see `data/tarinputs.py`), and a
+bad sample is listed as `<shard>:<key>`, an unreadable shard as `<shard>`.
 
 Output in OUT: `image-000000.tar`, `video-...`, `audio-...`, `av-...` (an mp4 with an audio track goes
 to `av`, one without to `video`); each sample holds `__key__`, its media (`png` / `jpg` / `webp`,
@@ -27,138 +32,37 @@ import argparse
 import dataclasses
 import json
 import math
-import multiprocessing
+import shutil
 import sys
 import tempfile
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
-from functools import partial
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
-
-from tqdm import tqdm
 
 from selfflow.data.atomic import write_atomic
 from selfflow.data.decode import LIMITS, DecodeLimits, parse_size
-from selfflow.data.inputs import Entry, Skip, fingerprint, scan_inputs
+from selfflow.data.inputs import fingerprint, scan_inputs
 from selfflow.data.latents import LatentOptions, check_latents
-from selfflow.data.packing import TASKS, Outcome, Prepared, Target, prepare
+from selfflow.data.packing import TASKS, Outcome, Target, prepare
+from selfflow.data.shardrun import ShardRun
 from selfflow.data.shards import ShardLimits
 from selfflow.data.shardsets import MANIFEST, Progress, TaskShards, remove_stale, sample_stats, verify
+from selfflow.data.tarinputs import Staged, check_sources, stage_tars, tar_sources
 from selfflow.tokenizers.spec import ClipSpec
 
 SKIPPED = "skipped.jsonl"
+STAGING = ".staging"  # input shards, unpacked (removed at the end)
 FORMAT = "selfflow-shards/2"
 
 
 # ---------------------------------------------------------------------- building
-@dataclass
-class _Run:
-    """One pass over the inputs: which to prepare, in what order, and where their samples go."""
-
-    entries: list[Entry]
-    target: Target
-    progress: Progress
-    sets: dict[str, TaskShards]
-    latents: LatentOptions | None = None
-    workers: int = 1
-    quiet: bool = False
-    limits: DecodeLimits = LIMITS
-    timeout: float = 600.0  # seconds a pool worker may take for one input
-    work: Callable[..., Outcome] = prepare  # entry -> Outcome (tests give one that dies)
-
-    def plan(self) -> list[Outcome | None]:
-        """Per entry, its logged outcome if nothing of it needs writing again, else None (prepare it)."""
-        planned: list[Outcome | None] = []
-        positions: Counter = Counter()
-        for entry in self.entries:
-            known = self.progress.outcomes.get(entry.key)
-            if known is None:  # the log holds a prefix of the inputs: the rest is prepared again
-                return planned + [None] * (len(self.entries) - len(planned))
-            if known.reason is None:
-                covered = self.sets[known.task].covered(positions[known.task], len(known.samples))
-                positions[known.task] += len(known.samples)
-                known = known if covered else None
-            planned.append(known)
-        return planned
-
-    def outcomes(self, planned: list[Outcome | None]) -> Iterator[tuple[Outcome, bool]]:
-        """(outcome, fresh) in input order: planned ones as they are, the others prepared now."""
-        todo = [e for e, p in zip(self.entries, planned, strict=True) if p is None]
-        work = partial(self.work, target=self.target, latents=self.latents, limits=self.limits)
-        if self.workers > 1 and len(todo) > 1:
-            fresh = _pooled(work, todo, min(self.workers, len(todo)), self.timeout)
-        else:
-            fresh = map(work, todo)
-        try:
-            yield from ((p, False) if p is not None else (next(fresh), True) for p in planned)
-        finally:
-            getattr(fresh, "close", lambda: None)()  # stops the pool
-
-    def write(self) -> tuple[list[Skip], list[Outcome]]:
-        """Feed every outcome to its task's shards; returns the rejected inputs and the accepted outcomes."""
-        skips, accepted, taken = [], [], set()
-        with tqdm(total=len(self.entries), unit="input", disable=self.quiet, file=sys.stderr) as bar:
-            for outcome, fresh in self.outcomes(self.plan()):
-                keys = [s.key for s in outcome.samples]
-                clash = next((k for k in keys if k in taken), None)
-                if outcome.reason is None and clash is not None:
-                    outcome = Outcome(
-                        outcome.key, outcome.path, reason=f"sample key {clash!r} is already taken"
-                    )
-                if fresh:
-                    self.progress.record_outcome(outcome)
-                if outcome.reason is not None:
-                    skips.append(Skip(outcome.path, outcome.reason))
-                    bar.set_postfix(skipped=len(skips), refresh=False)
-                elif fresh:
-                    for sample in outcome.samples:
-                        self.sets[outcome.task].add({"__key__": sample.key, **sample.fields})
-                else:
-                    self.sets[outcome.task].skip(len(outcome.samples))
-                if outcome.reason is None:  # keep its statistics, not its media
-                    taken.update(keys)
-                    samples = [Prepared(s.key, {}, s.stats) for s in outcome.samples]
-                    accepted.append(Outcome(outcome.key, outcome.path, outcome.task, samples))
-                bar.update()
-        return skips, accepted
 
 
-def _pooled(
-    work: Callable[[Entry], Outcome], entries: list[Entry], workers: int, timeout: float
-) -> Iterator[Outcome]:
-    """`work` over a spawn pool, in input order, a few inputs ahead. An input without a result after
-    `timeout` seconds (its worker was killed, e.g. for memory, or hangs) becomes a rejected Outcome;
-    the pool is then replaced and the inputs in flight are given to the new one."""
-    context = multiprocessing.get_context("spawn")
-    queue, pending = iter(entries), deque()
-    pool = context.Pool(workers)
-    try:
-        while True:
-            while len(pending) < 2 * workers and (entry := next(queue, None)) is not None:
-                pending.append((entry, pool.apply_async(work, (entry,))))
-            if not pending:
-                return
-            entry, result = pending.popleft()
-            try:
-                outcome = result.get(timeout)
-            except multiprocessing.TimeoutError:
-                pool.terminate()
-                pool.join()
-                reason = f"no result within {timeout:g}s (the worker died, e.g. killed for memory, or hung)"
-                outcome = Outcome(entry.key, str(entry.media), reason=reason)
-                pool = context.Pool(workers)
-                pending = deque((e, pool.apply_async(work, (e,))) for e, _ in pending)
-            yield outcome
-    finally:
-        pool.terminate()
-        pool.join()
-
-
-def check_output(output: Path, source: Path) -> None:
-    if output.resolve() == source.resolve():
+def check_output(output: Path, source: str, shards: list[str]) -> None:
+    if output.resolve() == Path(source).resolve():
         raise ValueError(f"--output {output} must differ from --input")
+    check_sources(shards, output)
     try:
         output.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output):
@@ -168,10 +72,25 @@ def check_output(output: Path, source: Path) -> None:
 
 
 def build(args: argparse.Namespace, work: Callable[..., Outcome] = prepare) -> str:
-    """Scan, validate, write shards, skipped.jsonl and manifest.json; returns a summary line."""
+    """Scan, validate, write shards, skipped.jsonl and manifest.json; returns a summary line. Input
+    shards are staged in OUT/.staging (data/tarinputs.py), removed at the end: it is a copy of the media."""
     began = time.perf_counter()
-    entries, skips = scan_inputs(args.input)
-    check_output(args.output, args.input)
+    shards = tar_sources(args.input)  # None: a media folder or a manifest
+    if shards is None:
+        entries, skips = scan_inputs(Path(args.input))
+        staged = Staged(entries, skips, fingerprint(Path(args.input), entries))
+    check_output(args.output, args.input, shards or [])
+    try:
+        if shards is not None:
+            staged = stage_tars(shards, args.output / STAGING, args.limits, args.caption_key, args.quiet)
+        return _write(args, work, staged, began)
+    finally:
+        shutil.rmtree(args.output / STAGING, ignore_errors=True)
+
+
+def _write(args: argparse.Namespace, work: Callable[..., Outcome], staged: Staged, began: float) -> str:
+    """The part of `build` after scanning: the same for every kind of input."""
+    entries, skips = staged.entries, staged.skips
     (args.output / MANIFEST).unlink(missing_ok=True)  # written again at the end; until then, none is true
     limits = ShardLimits(args.shard_samples, args.shard_mb)
     options = {"format": FORMAT, "target": asdict(args.target), "limits": asdict(limits)}
@@ -179,13 +98,13 @@ def build(args: argparse.Namespace, work: Callable[..., Outcome] = prepare) -> s
     if args.latent_options is not None:
         check_latents(args.latent_options)
         options["latents"] = args.latent_options.stamp()
-    progress = Progress(args.output, fingerprint(args.input, entries) + json.dumps(options, sort_keys=True))
+    progress = Progress(args.output, staged.fingerprint + json.dumps(options, sort_keys=True))
     sets = {
         t: TaskShards(args.output, t, limits, progress.shards.get(t, {}), progress.record_shard)
         for t in TASKS
     }
     try:
-        run = _Run(entries, args.target, progress, sets, args.latent_options, args.workers, args.quiet)
+        run = ShardRun(entries, args.target, progress, sets, args.latent_options, args.workers, args.quiet)
         run = replace(run, limits=args.limits, timeout=args.timeout, work=work)
         failed, accepted = run.write()
         shards = {task: infos for task, s in sets.items() if (infos := s.close())}
@@ -194,7 +113,7 @@ def build(args: argparse.Namespace, work: Callable[..., Outcome] = prepare) -> s
             s.abort()  # an unfinished shard's temporary file (nothing after close())
         progress.close()
     remove_stale(args.output, shards)
-    skips = sorted(skips + failed, key=lambda s: (s.path, s.reason))
+    skips = sorted(staged.locate(skips + failed), key=lambda s: (s.path, s.reason))
     write_atomic(args.output / SKIPPED, "".join(json.dumps(asdict(s)) + "\n" for s in skips))
     counts = {task: sum(info.samples for info in infos) for task, infos in shards.items()}
     if not counts:
@@ -249,7 +168,12 @@ def _positive(kind: type) -> Callable[[str], float | int]:
 
 def _parser() -> _Parser:
     p = _Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", type=Path, help="folder of media + .txt (+ .json), or a .jsonl / .csv manifest")
+    p.add_argument(
+        "--input",
+        help="folder of media + .txt (+ .json), a .jsonl / .csv manifest, or WebDataset shards: a folder of "
+        ".tar files, a glob, a brace pattern (DIR/{00000..00009}.tar) or a URL (pipe:cmd, file:, http:)",
+    )
+    p.add_argument("--caption-key", default="caption", help="key of the caption in a shard sample's json")
     p.add_argument("--output", type=Path, required=True, help="folder for shards and manifest")
     p.add_argument("--shard-samples", type=_positive(int), help="at most this many samples per shard")
     p.add_argument(

@@ -1,0 +1,221 @@
+"""make_shards input from existing WebDataset shards (img2dataset, video2dataset, ...): which shards an
+`--input` names, and a scan that stages their samples as a media folder for the ordinary pipeline.
+
+    sources = tar_sources("/data/laion/{00000..00009}.tar")  # None for a media folder or a manifest
+    staged = stage_tars(sources, out / ".staging", limits)    # entries, skips, fingerprint, where
+
+Sources: a folder holding `.tar` files and no media, one `.tar`, a glob (`/data/*.tar`), a brace pattern
+(`/data/{00000..00009}.tar`), or a URL that webdataset's gopen opens (`pipe:cat /x/{0..3}.tar`,
+`file:/x/a.tar`, `http(s)://...`), brace-expanded as webdataset does.
+
+Why staging: `packing.prepare` decodes one file per entry, in any process of the pool. Streaming each
+shard once and writing each sample's media to `<staging>/<key>.<field>` gives entries that go through
+exactly the same decoding, limits, re-encoding, clip cutting, ordering and resuming as a media folder,
+with only one sample's bytes in memory at a time. The resume log's fingerprint hashes every staged key,
+caption, metadata and media byte: it does not depend on where the shards or the output lie, and it
+notices a changed shard even when no size changes. The cost is disk: the staging holds a copy of the
+media until make_shards removes it at the end.
+
+A sample is: a media field (`mp4`, `jpg`/`jpeg`/`png`/`webp`, `flac`/`wav`, and `mp3`/`ogg`/`opus` where
+`data.limits.audio_formats` allows MP3 / OGG; the first in that order if there are several; `webm`,
+`mkv` and `m4a` are rejected, nothing here decodes them), a caption (`txt`, else a `caption` field, else
+`json[caption_key]`) and optional `json` metadata (kept if it is an object). Keys are sanitised by
+`inputs.to_key` (`00000/000000123` -> `00000_000000123`). Everything unusable is a Skip at
+`<shard>:<key>`; a shard that cannot be opened or read to its end is a Skip at `<shard>`, and so is the
+last sample read before the damage (it may be missing members).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import re
+import shutil
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+from webdataset.shardlists import expand_urls
+
+from selfflow.data.decode import DecodeLimits
+from selfflow.data.inputs import Entry, Skip, check_caption, kind_of, to_key
+from selfflow.data.shards import is_url, iter_tar_samples
+
+# media fields in order of preference -> Entry kind (`packing.prepare` decides the task from the bytes)
+MEDIA_FIELDS = {
+    **dict.fromkeys(("mp4",), "mp4"),
+    **dict.fromkeys(("jpg", "jpeg", "png", "webp"), "image"),
+    **dict.fromkeys(("flac", "wav", "mp3", "ogg", "opus"), "audio"),  # mp3 / ogg: if limits allow them
+}
+REJECTED_FIELDS = {
+    "webm": "webm video is not supported (data/avio.py demuxes mp4 only)",
+    "mkv": "mkv video is not supported (data/avio.py demuxes mp4 only)",
+    "m4a": "m4a (AAC) audio is not supported (soundfile cannot decode it)",
+}
+_GLOB = "*?["
+MAX_KEY = 200  # staged as `<key>.<field>`, and clips add `_c000`: within any file system's name limit
+
+
+@dataclass
+class Staged:
+    """What make_shards scans: entries sorted by key, skips, a fingerprint of the inputs (for the resume
+    log), and where each staged file came from (`<shard>:<key>`, for skip reports)."""
+
+    entries: list[Entry]
+    skips: list[Skip]
+    fingerprint: str
+    where: dict[str, str] = field(default_factory=dict)
+
+    def locate(self, skips: list[Skip]) -> list[Skip]:
+        """Skips with staged paths replaced by their `<shard>:<key>`."""
+        return [Skip(self.where.get(s.path, s.path), s.reason) for s in skips]
+
+
+def tar_sources(text: str) -> list[str] | None:
+    """The shards `--input` names, in order, or None when it names a media folder or a manifest (or
+    nothing that exists: the folder scan says so). ValueError for a pattern that matches nothing, or a
+    folder with both shards and media (which of them is meant is not clear)."""
+    path = Path(text)
+    if is_url(text):
+        return expand_urls(text)
+    if path.is_dir():
+        names = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        tars = [str(p) for p in names if p.suffix == ".tar" and p.is_file()]
+        if tars and any(kind_of(p) for p in names):
+            raise ValueError(
+                f"input folder {text} holds both .tar shards and media files: name the shards with a "
+                f"pattern ({path / '*.tar'}) or move the media to a folder of their own"
+            )
+        return tars or None
+    if path.exists() or not any(c in text for c in _GLOB + "{"):
+        return [text] if path.is_file() and path.suffix == ".tar" else None
+    parts = expand_urls(text) if "{" in text else [text]
+    sources = [
+        s for part in parts for s in (sorted(glob.glob(part)) if any(c in part for c in _GLOB) else [part])
+    ]
+    if not sources:
+        raise ValueError(f"no shards match {text}")
+    return sources
+
+
+def check_sources(sources: list[str], output: Path) -> None:
+    """The output folder must not hold input shards: its own shards would become inputs of a rerun."""
+    for source in sources:
+        if not is_url(source) and Path(source).resolve().parent == output.resolve():
+            raise ValueError(f"--output {output} must not be the folder of the input shard {source}")
+
+
+def _text(data: bytes | str, what: str) -> str:
+    try:
+        return data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} is not UTF-8") from err
+
+
+def _caption_and_meta(sample: dict, caption_key: str) -> tuple[str, dict]:
+    """The caption (`txt`, else `caption`, else `json[caption_key]`) and the `json` object (or {})."""
+    meta = {}
+    if "json" in sample:
+        try:
+            loaded = json.loads(_text(sample["json"], "json"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"json is not valid JSON: {err}") from err
+        meta = loaded if isinstance(loaded, dict) else {}
+    for name in ("txt", "caption"):
+        if name in sample:
+            return check_caption(_text(sample[name], name)), meta
+    if isinstance(meta.get(caption_key), str):
+        return check_caption(meta[caption_key]), meta
+    raise ValueError(f"missing caption (no txt, no caption field, no json {caption_key!r})")
+
+
+def _media(sample: dict) -> tuple[str, str]:
+    """(field, Entry kind) of the sample's media; ValueError naming what is wrong."""
+    for name, kind in MEDIA_FIELDS.items():
+        if name in sample:
+            return name, kind
+    rejected = next((name for name in REJECTED_FIELDS if name in sample), None)
+    if rejected is not None:
+        raise ValueError(REJECTED_FIELDS[rejected])
+    fields = ", ".join(sorted(f for f in sample if not f.startswith("__"))) or "none"
+    raise ValueError(f"no media field (fields: {fields})")
+
+
+def _shard_error(err: Exception) -> str:
+    """The error without webdataset's dump of the command's Popen arguments. (A failing command gives
+    its exit status or, when the tar reader stops first, the tar error: which one depends on timing.)"""
+    status = re.fullmatch(r"\(.*\): exit (-?\d+) \(read\).*", str(err), re.DOTALL)
+    return f"the command exited with status {status[1]}" if status else str(err)
+
+
+class _Stager:
+    """Writes accepted samples into the staging folder and collects entries, skips and the digest."""
+
+    def __init__(self, staging: Path, caption_key: str) -> None:
+        self.staging, self.caption_key = staging, caption_key
+        self.entries: list[Entry] = []
+        self.skips: list[Skip] = []
+        self.where: dict[str, str] = {}
+        self.owner: dict[str, str] = {}  # sanitised key -> `<shard>:<key>` that took it
+        self.digest = hashlib.sha256()
+
+    def add(self, source: str, sample: dict) -> None:
+        where = f"{source}:{sample['__key__']}"
+        try:
+            if "__error__" in sample:
+                raise ValueError(f"{sample['__error__']} (--limit max_field_mb)")
+            name, kind = _media(sample)
+            caption, meta = _caption_and_meta(sample, self.caption_key)
+        except ValueError as err:
+            self.skips.append(Skip(where, str(err)))
+            return
+        key = to_key(sample["__key__"])
+        if len(key) > MAX_KEY:
+            self.skips.append(Skip(where, f"key is longer than {MAX_KEY} characters"))
+            return
+        if key in self.owner:
+            self.skips.append(Skip(where, f"key {key!r} is already taken by {self.owner[key]}"))
+            return
+        self.owner[key] = where
+        media = self.staging / f"{key}.{name}"
+        media.write_bytes(sample[name])
+        record = json.dumps([key, name, len(sample[name]), caption, meta], sort_keys=True, default=str)
+        self.digest.update(record.encode() + sample[name])
+        self.where[str(media)] = where
+        self.entries.append(Entry(key, media, kind, caption, meta))
+
+    def stage(self, source: str, max_member_bytes: int) -> None:
+        """Every sample of one shard, holding each back until the next arrives: a sample read just
+        before damage may lack members, so it is a Skip too."""
+        held = None
+        try:
+            for sample in iter_tar_samples(source, max_member_bytes):
+                if held is not None:
+                    self.add(source, held)
+                held = sample
+        except (tarfile.TarError, OSError) as err:
+            self.skips.append(Skip(source, f"cannot read shard: {_shard_error(err)}"))
+            if held is not None:
+                reason = "the shard is damaged right after this sample, which may be incomplete"
+                self.skips.append(Skip(f"{source}:{held['__key__']}", reason))
+            return
+        if held is not None:
+            self.add(source, held)
+
+
+def stage_tars(
+    sources: list[str], staging: Path, limits: DecodeLimits, caption_key: str = "caption", quiet: bool = True
+) -> Staged:
+    """Stream every shard once into a fresh `staging` folder (see the module docstring)."""
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
+    staging.mkdir(parents=True)
+    stager = _Stager(staging, caption_key)
+    stager.digest.update(b"selfflow-tarinputs/1\0")  # the content counts, not where the shards lie
+    for source in tqdm(sources, unit="shard", desc="reading shards", disable=quiet, file=sys.stderr):
+        stager.stage(source, int(limits.max_field_mb * 1e6))
+    entries = sorted(stager.entries, key=lambda e: e.key)
+    skips = sorted(stager.skips, key=lambda s: (s.path, s.reason))
+    return Staged(entries, skips, stager.digest.hexdigest(), stager.where)
