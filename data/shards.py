@@ -273,7 +273,7 @@ def iter_tar_samples(
     unreadable or truncated anywhere, a header included, or its command fails (after yielding the
     samples before the damage).
     """
-    stream, finished = open_shard(source), False
+    stream, finished = open_shard(source), False  # None: closed early by the consumer
     try:
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_CheckedInfo) as tar:
             sample: dict[str, str | bytes] | None = None
@@ -298,9 +298,20 @@ def iter_tar_samples(
         while stream.read(1 << 16):  # to the end, so that a command's exit status is checked
             pass
         finished = True
+    except GeneratorExit:
+        finished = None  # the consumer stopped early: a command it cut off has not failed
+        raise
     finally:
         try:
             stream.close()
         except OSError:
-            if finished:  # a command that failed after writing a whole tar
+            if finished or (finished is False and is_url(source)):  # a failed command is the cause
                 raise
+
+
+def shard_error(err: BaseException) -> str:
+    """A shard's error in one line; a failed `pipe:` command as its exit status, without the dump of
+    its Popen arguments that webdataset puts in the message."""
+    text = " ".join(str(err).split())
+    status = re.fullmatch(r"\(.*\): exit (-?\d+) \(read\).*", text)
+    return f"the command exited with status {status[1]}" if status else text

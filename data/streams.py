@@ -10,7 +10,6 @@ a resumed stream replays to its position are not counted twice. `strict=True` ra
 
 from __future__ import annotations
 
-import re
 import tarfile
 import time
 import zlib
@@ -30,7 +29,7 @@ from selfflow.data.fields import (
     infer_task,
     media_field,
 )
-from selfflow.data.shards import is_url, iter_tar_samples
+from selfflow.data.shards import is_url, iter_tar_samples, shard_error
 from selfflow.tokenizers.spec import ClipSpec
 
 TASK_MODALITIES = {"image": ("image",), "video": ("video",), "audio": ("audio",), "av": ("video", "audio")}
@@ -192,7 +191,7 @@ class TaskStream:
                     attempt += 1
                     continue
                 tries = f" (after {attempt + 1} attempts)" if is_url(shard) else ""
-                why = f"unreadable shard from here on{tries}: {_one_line(err)}"
+                why = f"unreadable shard from here on{tries}: {shard_error(err)}"
                 self._fault(f"{shard}:*", why, shared=True)
                 return
 
@@ -248,7 +247,7 @@ class TaskStream:
                     if infer_task(raw, self.limits) != self.task:
                         continue  # another task's sample
                 except Exception as err:  # no known media field, a container that will not open, ...
-                    self._fault(where, _one_line(err), shared=True)
+                    self._fault(where, shard_error(err), shared=True)
                     continue
             try:
                 return decode_sample(
@@ -272,10 +271,3 @@ class TaskStream:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.skipped_count = int(state.get("skipped_count", 0))
         self._raw = self._epoch_stream(skip=self.position)
-
-
-def _one_line(err: BaseException) -> str:
-    """A shard error in one line; a failed `pipe:` command as its exit status, without gopen's repr."""
-    text = " ".join(str(err).split())
-    status = re.search(r"exit (-?\d+)", text) if text.startswith("((") else None
-    return f"command exited with status {status.group(1)}" if status else text

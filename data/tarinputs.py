@@ -18,7 +18,8 @@ media until make_shards removes it at the end.
 
 A sample is: a media field (`mp4`, `jpg`/`jpeg`/`png`/`webp`, `flac`/`wav`, and `mp3`/`ogg`/`opus` where
 `data.limits.audio_formats` allows MP3 / OGG; the first in that order if there are several; `webm`,
-`mkv` and `m4a` are rejected, nothing here decodes them), a caption (`txt`, else a `caption` field, else
+`mkv` and `m4a` are rejected: packing stores and decodes mp4 containers only, while the training reader
+takes them from the original shards), a caption (`txt`, else a `caption` field, else
 `json[caption_key]`) and optional `json` metadata (kept if it is an object). Keys are sanitised by
 `inputs.to_key` (`00000/000000123` -> `00000_000000123`). Everything unusable is a Skip at
 `<shard>:<key>`; a shard that cannot be opened or read to its end is a Skip at `<shard>`, and so is the
@@ -30,7 +31,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import re
 import shutil
 import sys
 import tarfile
@@ -41,8 +41,9 @@ from tqdm import tqdm
 from webdataset.shardlists import expand_urls
 
 from selfflow.data.decode import DecodeLimits
+from selfflow.data.fields import caption_of
 from selfflow.data.inputs import Entry, Skip, check_caption, kind_of, to_key
-from selfflow.data.shards import is_url, iter_tar_samples
+from selfflow.data.shards import is_url, iter_tar_samples, shard_error
 
 # media fields in order of preference -> Entry kind (`packing.prepare` decides the task from the bytes)
 MEDIA_FIELDS = {
@@ -50,11 +51,8 @@ MEDIA_FIELDS = {
     **dict.fromkeys(("jpg", "jpeg", "png", "webp"), "image"),
     **dict.fromkeys(("flac", "wav", "mp3", "ogg", "opus"), "audio"),  # mp3 / ogg: if limits allow them
 }
-REJECTED_FIELDS = {
-    "webm": "webm video is not supported (data/avio.py demuxes mp4 only)",
-    "mkv": "mkv video is not supported (data/avio.py demuxes mp4 only)",
-    "m4a": "m4a (AAC) audio is not supported (soundfile cannot decode it)",
-}
+_AS_THEY_ARE = "make_shards does not re-shard {} yet (training reads it from the original shards)"
+REJECTED_FIELDS = {name: _AS_THEY_ARE.format(name) for name in ("webm", "mkv", "m4a")}
 _GLOB = "*?["
 MAX_KEY = 200  # staged as `<key>.<field>`, and clips add `_c000`: within any file system's name limit
 
@@ -124,12 +122,7 @@ def _caption_and_meta(sample: dict, caption_key: str) -> tuple[str, dict]:
         except json.JSONDecodeError as err:
             raise ValueError(f"json is not valid JSON: {err}") from err
         meta = loaded if isinstance(loaded, dict) else {}
-    for name in ("txt", "caption"):
-        if name in sample:
-            return check_caption(_text(sample[name], name)), meta
-    if isinstance(meta.get(caption_key), str):
-        return check_caption(meta[caption_key]), meta
-    raise ValueError(f"missing caption (no txt, no caption field, no json {caption_key!r})")
+    return check_caption(caption_of(sample, caption_key)), meta
 
 
 def _media(sample: dict) -> tuple[str, str]:
@@ -142,13 +135,6 @@ def _media(sample: dict) -> tuple[str, str]:
         raise ValueError(REJECTED_FIELDS[rejected])
     fields = ", ".join(sorted(f for f in sample if not f.startswith("__"))) or "none"
     raise ValueError(f"no media field (fields: {fields})")
-
-
-def _shard_error(err: Exception) -> str:
-    """The error without webdataset's dump of the command's Popen arguments. (A failing command gives
-    its exit status or, when the tar reader stops first, the tar error: which one depends on timing.)"""
-    status = re.fullmatch(r"\(.*\): exit (-?\d+) \(read\).*", str(err), re.DOTALL)
-    return f"the command exited with status {status[1]}" if status else str(err)
 
 
 class _Stager:
@@ -197,7 +183,7 @@ class _Stager:
                     self.add(source, held)
                 held = sample
         except (tarfile.TarError, OSError) as err:
-            self.skips.append(Skip(source, f"cannot read shard: {_shard_error(err)}"))
+            self.skips.append(Skip(source, f"cannot read shard: {shard_error(err)}"))
             if held is not None:
                 reason = "the shard is damaged right after this sample, which may be incomplete"
                 self.skips.append(Skip(f"{source}:{held['__key__']}", reason))

@@ -229,9 +229,15 @@ def test_training_mixes_video_audio_and_image_tasks(mixed_shards, tmp_path):
         "train.batch_size=4",
     )
     train(cfg, progress=False)
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    logged = read_metrics(tmp_path / "metrics.jsonl")
+    rows = [r for r in logged if "loss" in r]
     assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
     assert all("skipped_samples" in r for r in rows)
+    per_task = {t: rows[-1].get(f"samples_seen_{t}", 0) for t in ("image", "av", "audio")}
+    assert sum(per_task.values()) == rows[-1]["samples_seen"] and per_task["av"] > 0
+    events = [r for r in logged if r.get("event") == "skipped_sample"]
+    assert len(events) == rows[-1]["skipped_samples"]
+    assert {e["sample"].split(":")[-1] for e in events} <= {"av_bad_trunc", "av_bad_nocap", "audio_bad_empty"}
     state = json.loads((ckpt_io.latest_checkpoint(tmp_path / "checkpoints") / "state.json").read_text())
     assert sum(s["position"] for s in state["data"]["streams"].values()) > 0
 

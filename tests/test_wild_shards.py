@@ -229,7 +229,7 @@ def test_a_failing_command_is_retried_then_counted_with_its_url(tmp_path):
     with pytest.raises(DataError, match="a whole epoch without a good sample"):
         next(alone)
     assert tries.read_text().count("x") == 3  # one try and two retries
-    why = "unreadable shard from here on (after 3 attempts): command exited with status 7"
+    why = "unreadable shard from here on (after 3 attempts): the command exited with status 7"
     assert alone.skipped == {f"{bad}:*": why}
     pipe = DataPipeline(f"{folder}/00000.tar,{bad}", SPEC, batch_size=5, open_retries=2, retry_wait_s=0.01)
     assert all(len(next(pipe).keys) == 5 for _ in range(3))  # the run goes on with what it can read
