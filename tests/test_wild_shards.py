@@ -66,6 +66,20 @@ def flash_clip(seconds: float, fps: int, size: tuple[int, int], flash: float, au
     return encode_mp4(video, fps, sound if audio else None, 16_000)
 
 
+def webm(seconds: float, fps: int = 16, side: int = 48) -> bytes:
+    """A VP9 webm without sound whose frames brighten steadily."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="webm") as box:
+        stream = box.add_stream("libvpx-vp9", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = side, side, "yuv420p"
+        for i in range(int(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(np.full((side, side, 3), 4 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            box.mux(stream.encode(frame))
+        box.mux(stream.encode(None))
+    return buf.getvalue()
+
+
 def m4a(seconds: float, rate: int = 22_050) -> bytes:
     buf = io.BytesIO()
     wave = (0.3 * np.sin(np.arange(int(seconds * rate)) * 0.05)).astype(np.float32)[None]
@@ -86,8 +100,9 @@ def sound(fmt: str, seconds: float = 1.5, rate: int = 44_100, channels: int = 2)
 
 
 def mixed_corpus(folder: Path, shards: int = 2) -> Path:
-    """video2dataset-like tars that also hold images and audio: clips with and without sound at 12 and
-    24 fps, 2-3 s long (the spec wants 1 s), 48x64 and 40x40; mp3 / m4a / flac / ogg audio; jpgs."""
+    """video2dataset-like tars that also hold images and audio: mp4 clips with and without sound at 12
+    and 24 fps, 2-3 s long (the spec wants 1 s), 48x64 and 40x40, and a VP9 webm; mp3 / m4a / flac / ogg
+    audio; webp images; a sample without media."""
     folder.mkdir(parents=True)
     for s in range(shards):
         with wds.TarWriter(str(folder / f"{s:05d}.tar")) as sink:
@@ -96,6 +111,7 @@ def mixed_corpus(folder: Path, shards: int = 2) -> Path:
                 clip = flash_clip(2.0 + i % 2, fps, size, flash=0.5 + i * 0.4, audio=i < 2)
                 sink.write({"__key__": f"clip_{s}_{i}", "mp4": clip, "txt": b"a white flash",
                             "json": json.dumps({"fps": fps}).encode()})  # fmt: skip
+            sink.write({"__key__": f"clip_{s}_webm", "webm": webm(2.0), "txt": b"a brightening square"})
             audio = {"mp3": sound("MP3"), "m4a": m4a(2.0), "flac": sound("FLAC", 1.0, 16_000, 1)}
             audio |= {"ogg": sound("OGG", 2.0, 48_000)}
             for name, data in audio.items():
@@ -162,7 +178,7 @@ def test_a_mixed_tar_feeds_every_task_with_spec_shaped_media(tmp_path):
                     "av": {"video": (3, 8, 32, 32), "audio": (1, 16_000)}}[batch.task]  # fmt: skip
         assert shapes == expected, batch.task
     assert seen["av"] == {f"clip_{s}_{i}" for s in range(2) for i in (0, 1)}
-    assert seen["video"] == {f"clip_{s}_{i}" for s in range(2) for i in (2, 3)}
+    assert seen["video"] == {f"clip_{s}_{i}" for s in range(2) for i in (2, 3, "webm")}
     assert seen["audio"] == {f"sound_{s}_{n}" for s in range(2) for n in ("mp3", "m4a", "flac", "ogg")}
     assert seen["image"] == {f"image_{s}_{i}" for s in range(2) for i in range(3)}
     counted = [s for s in pipe.streams.values() if s.skipped]
@@ -234,3 +250,18 @@ def test_a_failing_command_is_retried_then_counted_with_its_url(tmp_path):
     pipe = DataPipeline(f"{folder}/00000.tar,{bad}", SPEC, batch_size=5, open_retries=2, retry_wait_s=0.01)
     assert all(len(next(pipe).keys) == 5 for _ in range(3))  # the run goes on with what it can read
     assert f"{bad}:*" in pipe.streams["image"].skipped
+
+
+def test_a_mixed_image_and_av_tar_trains_both_tasks(tmp_path):
+    from selfflow.training.loop import train
+
+    folder = mixed_corpus(tmp_path / "mixed")
+    cfg = load_config(
+        "tiny",
+        [f"data.shards={folder}", f"run.dir={tmp_path / 'run'}", "data.weights={image: 1, av: 1}",
+         "train.batch_size=2", "train.max_steps=6", "train.log_every=1", "sample.num=1", "sample.steps=1"],
+    )  # fmt: skip
+    train(cfg, progress=False)
+    last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r][-1]
+    assert last["samples_seen_image"] > 0 and last["samples_seen_av"] > 0
+    assert last["samples_seen_image"] + last["samples_seen_av"] == last["samples_seen"] == 12
