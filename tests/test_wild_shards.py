@@ -265,3 +265,13 @@ def test_a_mixed_image_and_av_tar_trains_both_tasks(tmp_path):
     last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r][-1]
     assert last["samples_seen_image"] > 0 and last["samples_seen_av"] > 0
     assert last["samples_seen_image"] + last["samples_seen_av"] == last["samples_seen"] == 12
+
+
+def test_the_source_benchmark_reads_the_same_samples_from_every_source(capsys):
+    from selfflow.tools import bench_sources
+
+    assert bench_sources.main(["--images", "40", "--rounds", "1", "--batch", "8", "--preset", "tiny"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["samples_per_s"]) == {"brace_pattern", "pipe_cat", "make_shards"}
+    assert all(v > 0 for v in result["samples_per_s"].values())
+    assert result["ratio_to_make_shards"]["make_shards"] == 1.0
