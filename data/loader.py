@@ -54,17 +54,13 @@ def resolve_shards(shards: ShardSource, task: str = "image") -> list[str]:
     (`a-{000000..000009}.tar`), one file, or a list of any of these."""
     if isinstance(shards, (list, tuple)):
         paths = [p for item in shards for p in resolve_shards(item, task)]
-    else:
-        text = str(shards)
-        if Path(text).is_dir():
-            found = _manifest_shards(Path(text), task)
-            paths = found if found is not None else sorted(glob.glob(str(Path(text) / f"{task}-*.tar")))
-        elif any(c in text for c in "*?["):
-            paths = sorted(glob.glob(text))
-        else:
-            paths = expand_urls(text)
+    elif not is_url(str(shards)) and Path(shards).is_dir():
+        found = _manifest_shards(Path(shards), task)
+        paths = found if found is not None else sorted(glob.glob(str(Path(shards) / f"{task}-*.tar")))
         if not paths:
-            raise FileNotFoundError(f"no {task} shards found at {text}")
+            raise FileNotFoundError(f"no {task} shards found at {shards}")
+    else:
+        return _expand(str(shards))
     for path in paths:
         if not is_url(path) and not Path(path).is_file():
             raise FileNotFoundError(f"shard {path} not found")

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import soundfile
 from PIL import Image
+from shard_helpers import manifest_of, samples_of, tar_bytes
 
 from selfflow.configs import load_config
 from selfflow.data.avio import decode_av, encode_mp4, probe
-from selfflow.data.shards import iter_tar_samples, sha256_file
+from selfflow.data.shards import sha256_file
 from selfflow.tools import make_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,18 +125,6 @@ def shard(source: Path, out: Path, *options: str) -> int:
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "tools/make_shards.py", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-
-
-def samples_of(out: Path, task: str) -> list[dict]:
-    return [s for tar in sorted(out.glob(f"{task}-*.tar")) for s in iter_tar_samples(tar)]
-
-
-def manifest_of(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
-
-
-def tar_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
 
 
 def skipped(out: Path) -> dict[str, str]:

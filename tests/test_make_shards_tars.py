@@ -19,11 +19,11 @@ import webdataset
 from conftest import av_clip
 from hostile_media import png, wav
 from PIL import Image
+from shard_helpers import manifest_of, samples_of, tar_bytes
 
 from selfflow.configs import load_config
 from selfflow.data.avio import decode_av, probe
 from selfflow.data.pipeline import DataPipeline
-from selfflow.data.shards import iter_tar_samples
 from selfflow.tools import make_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,18 +95,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def skipped(out: Path) -> dict[str, str]:
     return {r["path"]: r["reason"] for r in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
-
-
-def samples_of(out: Path, task: str) -> list[dict]:
-    return [s for tar in sorted(out.glob(f"{task}-*.tar")) for s in iter_tar_samples(tar)]
-
-
-def manifest_of(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
-
-
-def tar_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
 
 
 @pytest.fixture(scope="module")

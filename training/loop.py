@@ -185,6 +185,11 @@ def train_step(tr: Trainer, batch: Batch) -> ObjectiveOutput:
 # ---------------------------------------------------------------- the loop
 
 
+# data.* keys that DataPipeline takes as they are
+_READER_OPTIONS = ("shuffle_buffer", "strict", "image_fit", "limits", "allow_changed_shards", "task_shards")
+_READER_OPTIONS += ("caption_key", "clip_window", "open_retries", "retry_wait_s")
+
+
 def build_data(cfg: Config, dist: Dist = SINGLE) -> DataPipeline | WorkerPipeline:
     """The mixed-task pipeline of `data.*`, in this process or over `data.num_workers` processes; with
     several ranks each reads its own shards (every world-th one of each epoch's shard order)."""
@@ -198,17 +203,8 @@ def build_data(cfg: Config, dist: Dist = SINGLE) -> DataPipeline | WorkerPipelin
         weights=d.weights,
         batch_sizes=d.batch_sizes,
         batch_size=cfg.train.batch_size,
-        shuffle_buffer=d.shuffle_buffer,
-        strict=d.strict,
-        image_fit=d.image_fit,
-        limits=d.limits,
-        allow_changed_shards=d.allow_changed_shards,
-        task_shards=d.task_shards,
-        caption_key=d.caption_key,
-        clip_window=d.clip_window,
-        open_retries=d.open_retries,
-        retry_wait_s=d.retry_wait_s,
     )
+    kwargs |= {name: getattr(d, name) for name in _READER_OPTIONS}
     if d.num_workers > 0:
         return WorkerPipeline(kwargs, d.num_workers, timeout=d.worker_timeout_s)
     return DataPipeline(**kwargs)
