@@ -228,14 +228,14 @@ class TaskStream:
         return self
 
     def __next__(self) -> Sample:
-        good = 0  # good samples since this call began reading an epoch from its start
-        fresh = self.position == 0
+        fresh = self.position == 0  # this call reads an epoch from its start: it must find a sample
         while True:
             raw = next(self._raw, None)
             if raw is None:  # end of the epoch
-                if fresh and good == 0:
+                if fresh:
                     raise DataError(
-                        f"{self.task}: a whole epoch without a good sample ({self.skipped_count} skipped)"
+                        f"{self.task}: a whole epoch of this process's {len(self._my_shards(self.epoch))} "
+                        f"shard(s) without a good {self.task} sample ({self.skipped_count} skipped)"
                     )
                 self.epoch, self.position, fresh = self.epoch + 1, 0, True
                 self._raw = self._epoch_stream(skip=0)

@@ -287,7 +287,7 @@ def test_shards_without_a_usable_sample_exit_2_with_one_line(tmp_path):
     cmd = _main(tmp_path / "shards", tmp_path / "run")
     done = subprocess.run([*cmd, "train.max_steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith("error: audio: a whole epoch without a good sample")
+    assert done.stderr.startswith("error: audio: a whole epoch of this process")
 
 
 # ---------------------------------------------------------------- preemption during a sample grid
