@@ -155,11 +155,12 @@ def _layout(channels: int) -> str:
 
 
 def _audio_stream(
-    box: av.container.InputContainer, spec: ClipSpec, until: float = math.inf
+    box: av.container.InputContainer, rate: int, channels: int, until: float = math.inf
 ) -> tuple[np.ndarray, float]:
-    """Audio resampled to the spec up to about `until` seconds: ([C, N] float32, time of sample 0)."""
+    """Audio resampled to `rate` and `channels` up to about `until` seconds: ([C, N] float32, time of
+    sample 0)."""
     stream = box.streams.audio[0]
-    resampler = av.AudioResampler(format="fltp", layout=_layout(spec.audio_channels), rate=spec.sample_rate)
+    resampler = av.AudioResampler(format="fltp", layout=_layout(channels), rate=rate)
     chunks, first = [], None
     for frame in box.decode(stream):
         time = float(frame.pts * stream.time_base) if frame.pts is not None else None
@@ -209,11 +210,26 @@ def decode_av(
             frames = _frames(box, spec, start, limits.max_fps) if video else None
             if audio:
                 box.seek(0)
-                samples, origin = _audio_stream(box, spec, until=start + spec.duration + _AUDIO_MARGIN)
+                until = start + spec.duration + _AUDIO_MARGIN
+                samples, origin = _audio_stream(box, spec.sample_rate, spec.audio_channels, until)
             sound = _window(samples, origin, spec, start) if audio else None
         except (av.error.FFmpegError, EOFError, IndexError) as err:
             raise ValueError(f"cannot decode media: {err}") from err
     return Clip(frames, sound)
+
+
+def read_audio(data: bytes, limits: DecodeLimits = LIMITS, container: str = "mp4") -> tuple[np.ndarray, int]:
+    """Every audio sample of a container (e.g. m4a) at its own rate, at most 2 channels: ([C, N] float32,
+    rate), after its header passed `limits`."""
+    with _open(data, container) as box:
+        info = _checked(box, limits)
+        if not info.has_audio:
+            raise ValueError("no audio stream")
+        try:
+            wave, _ = _audio_stream(box, info.sample_rate, min(info.channels, 2))
+        except (av.error.FFmpegError, EOFError, IndexError) as err:
+            raise ValueError(f"cannot decode media: {err}") from err
+    return wave, info.sample_rate
 
 
 def decode_audio(

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-VIDEO_SUFFIXES = (".mp4",)  # the task (video or av) depends on the audio track, found by probing
-AUDIO_SUFFIXES = (".wav", ".flac")
+# the task (video or av) depends on the audio track, found by probing
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv")
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
 KIND_OF_SUFFIX = {
     **dict.fromkeys(IMAGE_SUFFIXES, "image"),
     **dict.fromkeys(VIDEO_SUFFIXES, "mp4"),
@@ -44,7 +45,7 @@ class Skip:
 class Entry:
     key: str  # sample key (clips add `_c000`, ...)
     media: Path
-    kind: str  # "image", "mp4" or "audio"
+    kind: str  # "image", "mp4" (any video container) or "audio"
     caption: str
     meta: dict = field(default_factory=dict)
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from selfflow.data.avio import decode_audio, decode_av
 from selfflow.data.decode import IMAGE_FIELDS, open_image, resize_center_crop, to_channels
+from selfflow.data.fields import VIDEO_CONTAINERS
 from selfflow.tokenizers.spec import ClipSpec
 
 LATENT_FIELDS = {"image": "latent.npy", "video": "video_latent.npy", "audio": "audio_latent.npy"}
@@ -92,12 +93,14 @@ def _pixels(modality: str, task: str, fields: dict, spec: ClipSpec) -> np.ndarra
         )
         pixels = np.asarray(img, np.float32).reshape(spec.image_height, spec.image_width, -1)
         return pixels.transpose(2, 0, 1) / 127.5 - 1
-    if modality == "video":
-        video = decode_av(fields["mp4"], spec, audio=False).video
-        return video.astype(np.float32).transpose(3, 0, 1, 2) / 127.5 - 1  # [C, T, H, W]
     if task == "audio":
         return decode_audio(fields["flac"], spec)
-    return decode_av(fields["mp4"], spec, video=False).audio
+    name = next(f for f in ("mp4", "webm", "mkv") if f in fields)  # the field packing kept the video in
+    box = VIDEO_CONTAINERS[name]
+    if modality == "video":
+        video = decode_av(fields[name], spec, audio=False, container=box).video
+        return video.astype(np.float32).transpose(3, 0, 1, 2) / 127.5 - 1  # [C, T, H, W]
+    return decode_av(fields[name], spec, video=False, container=box).audio
 
 
 def latent_fields(task: str, fields: dict, options: LatentOptions) -> dict[str, bytes]:

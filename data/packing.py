@@ -32,7 +32,7 @@ import av
 import numpy as np
 import soundfile
 
-from selfflow.data.avio import AV_ERRORS, MediaInfo, decode_audio, decode_av, encode_mp4, probe
+from selfflow.data.avio import AV_ERRORS, MediaInfo, decode_audio, decode_av, encode_mp4, probe, read_audio
 from selfflow.data.decode import (
     IMAGE_FIELD_OF_FORMAT,
     LIMITS,
@@ -42,12 +42,14 @@ from selfflow.data.decode import (
     png_bytes,
     resize_center_crop,
 )
+from selfflow.data.fields import AUDIO_CONTAINERS
 from selfflow.data.inputs import Entry
 from selfflow.data.latents import LatentOptions, latent_fields
 from selfflow.tokenizers.spec import ClipSpec
 
 TASKS = ("image", "video", "audio", "av")
-TASK_FIELDS = {"image": ("png", "jpg", "webp"), "video": ("mp4",), "audio": ("flac",), "av": ("mp4",)}
+TASK_FIELDS = {"image": ("png", "jpg", "webp"), "video": ("mp4", "webm", "mkv"), "audio": ("flac",)}
+TASK_FIELDS["av"] = TASK_FIELDS["video"]
 DECODE_ERRORS = (*AV_ERRORS, RuntimeError)  # RuntimeError: soundfile's LibsndfileError
 _CHECK_SIZE = 4  # frames are scaled to this many pixels when only checking that they decode
 _GROUP_BYTES = 256 << 20  # decoded media held at once when cutting clips
@@ -97,14 +99,15 @@ def prepare(
 ) -> Outcome:
     """Decode, check and (re-)encode one entry (plus codec latents); any problem becomes the reason,
     including running out of memory or an unexpected decoder error (never the end of the run)."""
+    suffix = entry.media.suffix.lower().lstrip(".")  # which demuxer may open it
     try:
         data = entry.media.read_bytes()
         if entry.kind == "image":
             task, media = "image", [_image(data, target, limits)]
         elif entry.kind == "audio":
-            task, media = "audio", _audio(data, target, limits)
+            task, media = "audio", _audio(data, target, limits, AUDIO_CONTAINERS.get(suffix))
         else:
-            task, media = _mp4(data, target, limits)
+            task, media = _mp4(data, target, limits, suffix)
         if latents is not None:
             media = [({**fields, **latent_fields(task, fields, latents)}, stats) for fields, stats in media]
     except (*DECODE_ERRORS, ValueError, OSError) as err:
@@ -194,7 +197,39 @@ def _flac(wave: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
     return buf.getvalue()
 
 
-def _audio(data: bytes, target: Target, limits: DecodeLimits) -> list[tuple[dict[str, bytes], dict]]:
+def _audio(
+    data: bytes, target: Target, limits: DecodeLimits, container: str | None = None
+) -> list[tuple[dict[str, bytes], dict]]:
+    """wav / flac / mp3 / ogg through libsndfile, or the audio of a `container` (m4a) through PyAV."""
+    keep = not target.reencodes("audio")
+    if container is None:
+        rate, channels, length, stored = _sndfile_audio(data, limits, keep)
+    else:
+        wave, rate = read_audio(data, limits, container)  # [C, N]
+        channels, length = wave.shape[0], wave.shape[1] / rate
+        stored = _flac(np.clip(wave, -1, 1).T, rate) if keep else b""
+    if length == 0:
+        raise ValueError("audio has no samples")
+    if keep:
+        return [({"flac": stored}, {"duration": length, "sample_rate": rate})]
+    rate_out = target.sample_rate or rate
+    channels = target.audio_channels or min(channels, 2)
+    duration = target.duration or whole_span(length, None, rate_out)
+    count = _clip_count(length, duration, 1 / rate)
+    n = round(duration * rate_out)
+    out = []
+    for first, size in _groups(count, n * channels * 4):
+        spec = clip_spec(duration * size, rate_out, (2, 2), rate_out, channels)  # fps = rate: 1 sample
+        wave_out = decode_audio(data, spec, first * duration, limits, container)
+        for i in range(size):
+            clip = np.clip(wave_out[:, i * n : (i + 1) * n], -1, 1).T
+            out.append(({"flac": _flac(clip, rate_out)}, {"duration": duration, "sample_rate": rate_out}))
+    return out
+
+
+def _sndfile_audio(data: bytes, limits: DecodeLimits, keep: bool) -> tuple[int, int, float, bytes]:
+    """(rate, channels, seconds, the bytes to store when kept) of a libsndfile format, every sample
+    decoded once; a wav is stored as flac, a flac as it is."""
     try:
         info = soundfile.info(io.BytesIO(data))
     except (RuntimeError, TypeError) as err:
@@ -204,29 +239,10 @@ def _audio(data: bytes, target: Target, limits: DecodeLimits) -> list[tuple[dict
     rate = info.samplerate
     limits.check_audio(rate, info.channels)
     limits.check_duration(info.frames / rate)  # before anything is read: the header may promise more
-    keep = not target.reencodes("audio")
     pcm = _FLAC_SUBTYPE.get(info.subtype)
-    convert = pcm or "PCM_24" if keep and info.format != "FLAC" else None  # a wav is stored as flac
+    convert = pcm or "PCM_24" if keep and info.format != "FLAC" else None
     frames, converted = _scan_audio(data, "int32" if pcm else "float32", convert)
-    if frames == 0:
-        raise ValueError("audio has no samples")
-    length = frames / rate
-    if keep:
-        stored = converted if converted is not None else data
-        return [({"flac": stored}, {"duration": length, "sample_rate": rate})]
-    rate_out = target.sample_rate or rate
-    channels = target.audio_channels or min(info.channels, 2)
-    duration = target.duration or whole_span(length, None, rate_out)
-    count = _clip_count(length, duration, 1 / rate)
-    n = round(duration * rate_out)
-    out = []
-    for first, size in _groups(count, n * channels * 4):
-        spec = clip_spec(duration * size, rate_out, (2, 2), rate_out, channels)  # fps = rate: 1 sample
-        wave_out = decode_audio(data, spec, start=first * duration, limits=limits)
-        for i in range(size):
-            clip = np.clip(wave_out[:, i * n : (i + 1) * n], -1, 1).T
-            out.append(({"flac": _flac(clip, rate_out)}, {"duration": duration, "sample_rate": rate_out}))
-    return out
+    return rate, info.channels, frames / rate, converted if converted is not None else data
 
 
 def _scan_audio(data: bytes, dtype: str, flac_subtype: str | None) -> tuple[int, bytes | None]:
@@ -249,10 +265,16 @@ def _scan_audio(data: bytes, dtype: str, flac_subtype: str | None) -> tuple[int,
 
 
 # ---------------------------------------------------------------------- mp4 (video, av)
-def _without_audio(data: bytes) -> bytes:
-    """The mp4 with only its first video stream, packets copied as they are (no re-encoding)."""
+# an input's suffix -> (the demuxer that may open it, the field and muxer its original bytes are kept in)
+_CONTAINERS = {"mp4": ("mp4", "mp4"), "mov": ("mp4", "mp4"), "m4v": ("mp4", "mp4")}
+_CONTAINERS |= {"webm": ("matroska", "webm"), "mkv": ("matroska", "mkv")}
+_MUXER = {"mp4": "mp4", "webm": "webm", "mkv": "matroska"}
+
+
+def _without_audio(data: bytes, container: str, field: str) -> bytes:
+    """The video with only its first video stream, packets copied as they are (no re-encoding)."""
     buf = io.BytesIO()
-    with av.open(io.BytesIO(data)) as src, av.open(buf, mode="w", format="mp4") as dst:
+    with av.open(io.BytesIO(data), format=container) as src, av.open(buf, "w", format=_MUXER[field]) as dst:
         stream = src.streams.video[0]
         out = dst.add_stream_from_template(stream)
         for packet in src.demux(stream):
@@ -264,27 +286,30 @@ def _without_audio(data: bytes) -> bytes:
 
 
 def _mp4(
-    data: bytes, target: Target, limits: DecodeLimits
+    data: bytes, target: Target, limits: DecodeLimits, suffix: str = "mp4"
 ) -> tuple[str, list[tuple[dict[str, bytes], dict]]]:
-    info = probe(data, limits)
+    """A video container (mp4 / mov / m4v / webm / mkv, by `suffix`): kept in its own field (`mp4`,
+    `webm` or `mkv`) once every frame and sample decodes, or re-encoded to H.264 (+ AAC) mp4."""
+    container, field = _CONTAINERS.get(suffix, ("mp4", "mp4"))
+    info = probe(data, limits, container)
     if not info.has_video:
-        raise ValueError("mp4 has no video stream")
+        raise ValueError(f"{suffix} has no video stream")
     if info.fps <= 0 or info.duration <= 0:
-        raise ValueError("mp4 has no frame rate or duration")
+        raise ValueError(f"{suffix} has no frame rate or duration")
     task = "av" if info.has_audio and not target.no_audio else "video"
     rate = info.sample_rate if task == "av" else None
     if not target.reencodes(task):
         span = whole_span(info.duration, info.fps, rate)
         spec = clip_spec(span, info.fps, (_CHECK_SIZE, _CHECK_SIZE), rate or 16_000)
-        decode_av(data, spec, audio=task == "av", limits=limits)  # every frame and sample decodes
-        stored = _without_audio(data) if info.has_audio and task == "video" else data
+        decode_av(data, spec, audio=task == "av", limits=limits, container=container)  # all of it decodes
+        stored = _without_audio(data, container, field) if info.has_audio and task == "video" else data
         stats = {"resolution": f"{info.height}x{info.width}", "duration": info.duration}
-        return task, [({"mp4": stored}, stats | ({"sample_rate": rate} if rate else {}))]
-    return task, _reencode_mp4(data, info, task, target, limits)
+        return task, [({field: stored}, stats | ({"sample_rate": rate} if rate else {}))]
+    return task, _reencode_mp4(data, info, task, target, limits, container)
 
 
 def _reencode_mp4(
-    data: bytes, info: MediaInfo, task: str, target: Target, limits: DecodeLimits
+    data: bytes, info: MediaInfo, task: str, target: Target, limits: DecodeLimits, container: str
 ) -> list[tuple[dict[str, bytes], dict]]:
     fps = target.fps or info.fps
     height, width = target.video_size or (info.height - info.height % 2, info.width - info.width % 2)
@@ -299,7 +324,7 @@ def _reencode_mp4(
     out = []
     for first, size in _groups(count, frames * height * width * 3 + samples * channels * 4):
         spec = clip_spec(duration * size, fps, (height, width), rate or 16_000, channels)
-        clip = decode_av(data, spec, start=first * duration, audio=task == "av", limits=limits)
+        clip = decode_av(data, spec, first * duration, audio=task == "av", limits=limits, container=container)
         for i in range(size):
             video = clip.video[i * frames : (i + 1) * frames]
             audio = None if clip.audio is None else clip.audio[:, i * samples : (i + 1) * samples]

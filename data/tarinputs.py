@@ -16,14 +16,12 @@ caption, metadata and media byte: it does not depend on where the shards or the 
 notices a changed shard even when no size changes. The cost is disk: the staging holds a copy of the
 media until make_shards removes it at the end.
 
-A sample is: a media field (`mp4`, `jpg`/`jpeg`/`png`/`webp`, `flac`/`wav`, and `mp3`/`ogg`/`opus` where
-`data.limits.audio_formats` allows MP3 / OGG; the first in that order if there are several; `webm`,
-`mkv` and `m4a` are rejected: packing stores and decodes mp4 containers only, while the training reader
-takes them from the original shards), a caption (`txt`, else a `caption` field, else
-`json[caption_key]`) and optional `json` metadata (kept if it is an object). Keys are sanitised by
-`inputs.to_key` (`00000/000000123` -> `00000_000000123`). Everything unusable is a Skip at
-`<shard>:<key>`; a shard that cannot be opened or read to its end is a Skip at `<shard>`, and so is the
-last sample read before the damage (it may be missing members).
+A sample is: a media field (`mp4`/`mov`/`m4v`/`webm`/`mkv`, `jpg`/`jpeg`/`png`/`webp`,
+`flac`/`wav`/`mp3`/`ogg`/`opus`/`m4a`; the first in that order if there are several), a caption (`txt`,
+else a `caption` field, else `json[caption_key]`) and optional `json` metadata (kept if it is an
+object). Keys are sanitised by `inputs.to_key` (`00000/000000123` -> `00000_000000123`). Everything
+unusable is a Skip at `<shard>:<key>`; a shard that cannot be opened or read to its end is a Skip at
+`<shard>`, and so is the last sample read before the damage (it may be missing members).
 """
 
 from __future__ import annotations
@@ -47,12 +45,10 @@ from selfflow.data.shards import is_url, iter_tar_samples, shard_error
 
 # media fields in order of preference -> Entry kind (`packing.prepare` decides the task from the bytes)
 MEDIA_FIELDS = {
-    **dict.fromkeys(("mp4",), "mp4"),
+    **dict.fromkeys(("mp4", "mov", "m4v", "webm", "mkv"), "mp4"),  # "mp4": any video container
     **dict.fromkeys(("jpg", "jpeg", "png", "webp"), "image"),
-    **dict.fromkeys(("flac", "wav", "mp3", "ogg", "opus"), "audio"),  # mp3 / ogg: if limits allow them
+    **dict.fromkeys(("flac", "wav", "mp3", "ogg", "opus", "m4a"), "audio"),
 }
-_AS_THEY_ARE = "make_shards does not re-shard {} yet (training reads it from the original shards)"
-REJECTED_FIELDS = {name: _AS_THEY_ARE.format(name) for name in ("webm", "mkv", "m4a")}
 _GLOB = "*?["
 MAX_KEY = 200  # staged as `<key>.<field>`, and clips add `_c000`: within any file system's name limit
 
@@ -130,9 +126,6 @@ def _media(sample: dict) -> tuple[str, str]:
     for name, kind in MEDIA_FIELDS.items():
         if name in sample:
             return name, kind
-    rejected = next((name for name in REJECTED_FIELDS if name in sample), None)
-    if rejected is not None:
-        raise ValueError(REJECTED_FIELDS[rejected])
     fields = ", ".join(sorted(f for f in sample if not f.startswith("__"))) or "none"
     raise ValueError(f"no media field (fields: {fields})")
 

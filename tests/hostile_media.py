@@ -1,12 +1,15 @@
-"""Hostile and ordinary media built in memory for the failure tests (tests/test_hostile_data.py,
-tests/test_chaos.py): nothing here is downloaded."""
+"""Hostile and ordinary media built in memory for the data tests (hostile files for
+tests/test_hostile_data.py and tests/test_chaos.py; webm and m4a for the shard tests): nothing here is
+downloaded."""
 
 from __future__ import annotations
 
 import io
 import struct
 import zlib
+from fractions import Fraction
 
+import av
 import numpy as np
 import soundfile
 from PIL import Image
@@ -50,4 +53,31 @@ def tiff() -> bytes:
 def png(i: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (40, 40), (10 * i, 100, 50)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def webm(seconds: float, fps: int = 16, side: int = 48) -> bytes:
+    """A VP9 webm without sound whose frames brighten steadily."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="webm") as box:
+        stream = box.add_stream("libvpx-vp9", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = side, side, "yuv420p"
+        for i in range(int(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(np.full((side, side, 3), 4 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            box.mux(stream.encode(frame))
+        box.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def m4a(seconds: float, rate: int = 22_050) -> bytes:
+    buf = io.BytesIO()
+    wave = (0.3 * np.sin(np.arange(int(seconds * rate)) * 0.05)).astype(np.float32)[None]
+    with av.open(buf, mode="w", format="mp4") as box:
+        stream = box.add_stream("aac", rate=rate, layout="mono")
+        for lo in range(0, wave.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, lo : lo + 1024]), "fltp", "mono")
+            frame.sample_rate, frame.pts, frame.time_base = rate, lo, Fraction(1, rate)
+            box.mux(stream.encode(frame))
+        box.mux(stream.encode(None))
     return buf.getvalue()

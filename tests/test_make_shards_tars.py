@@ -17,7 +17,7 @@ import pytest
 import soundfile
 import webdataset
 from conftest import av_clip
-from hostile_media import png, wav
+from hostile_media import m4a, png, wav, webm
 from PIL import Image
 from shard_helpers import manifest_of, samples_of, tar_bytes
 
@@ -28,7 +28,9 @@ from selfflow.tools import make_shards
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = load_config("tiny").spec
-NOT_YET = "make_shards does not re-shard {} yet (training reads it from the original shards)"
+NOT_WEBM = (
+    "cannot open media as matroska: [Errno 1094995529] Invalid data found when processing input: '<none>'"
+)
 FAILED_COMMAND = "cannot read shard: the command exited with status 1"
 
 
@@ -121,10 +123,10 @@ def test_brace_pattern_of_image_shards_is_resharded_validated(image_out, corpus:
     assert [s["samples"] for s in manifest["shards"]["image"]] == [2, 2, 1]
     reasons = skipped(out)
     assert reasons.pop(f"{corpus}/00001.tar:000000003").startswith("cannot decode image: ")
+    assert reasons.pop(f"{corpus}/00002.tar:000000007").startswith("cannot open media as matroska: ")
     assert reasons == {
         f"{corpus}/00001.tar:000000005": "missing or empty caption (no txt, caption or json 'caption')",
         f"{corpus}/00002.tar:000000000": f"key '000000000' is already taken by {corpus}/00000.tar:000000000",
-        f"{corpus}/00002.tar:000000007": NOT_YET.format("webm"),
         f"{corpus}/00002.tar:{'x' * 250}": "key is longer than 200 characters",
     }
     samples = {s["__key__"]: s for s in samples_of(out, "image")}
@@ -262,6 +264,22 @@ def test_video_shards_with_and_without_audio_are_cut_to_the_spec(tmp_path):
     assert decode_av(video["mp4"], SPEC, audio=False).video.shape == (SPEC.num_frames, 32, 32, 3)
 
 
+def test_webm_clips_are_kept_in_their_container_or_re_encoded_to_mp4(tmp_path):
+    clip = webm(2.0)
+    shards = write_tars(tmp_path / "webm", {"00000.tar": [{"__key__": "w0", "webm": clip, "txt": "light"}]})
+    kept, spec_out = tmp_path / "kept", tmp_path / "spec"
+    assert run_cli("--input", str(shards), "--output", str(kept), "--quiet").returncode == 0
+    (sample,) = samples_of(kept, "video")
+    assert sample["webm"] == clip and "mp4" not in sample  # the original VP9 bytes, in their field
+    pipe = DataPipeline(kept, SPEC, batch_size=1, shuffle_buffer=0)  # the reader opens the webm field
+    assert pipe.tasks == ["video"] and next(pipe).media["video"].shape == (1, 3, SPEC.num_frames, 32, 32)
+    done = run_cli("--input", str(shards), "--output", str(spec_out), "--spec", "tiny", "--quiet")
+    assert done.returncode == 0, done.stderr
+    clips = samples_of(spec_out, "video")
+    assert [c["__key__"] for c in clips] == ["w0_c000", "w0_c001"]
+    assert decode_av(clips[1]["mp4"], SPEC, audio=False).video.shape == (SPEC.num_frames, 32, 32, 3)
+
+
 def test_audio_shards_take_what_soundfile_decodes_within_the_limits(tmp_path):
     shards = write_tars(
         tmp_path / "audio",
@@ -270,6 +288,7 @@ def test_audio_shards_take_what_soundfile_decodes_within_the_limits(tmp_path):
                 {"__key__": "a_wav", "wav": wav(16_000), "txt": "silence"},
                 {"__key__": "b_mp3", "mp3": mp3(), "txt": "a tone"},
                 {"__key__": "c_m4a", "m4a": b"\0\0\0 ftypM4A ", "txt": "aac"},
+                {"__key__": "d_m4a", "m4a": m4a(1.5, 22_050), "txt": "an aac tone"},
             ]
         },
     )
@@ -278,13 +297,13 @@ def test_audio_shards_take_what_soundfile_decodes_within_the_limits(tmp_path):
         == 0
     )
     audio = {s["__key__"]: s for s in samples_of(tmp_path / "d", "audio")}
-    assert list(audio) == ["a_wav", "b_mp3"]  # MP3 and OGG are in the default data.limits.audio_formats
-    assert skipped(tmp_path / "d") == {
-        f"{shards}/00000.tar:c_m4a": NOT_YET.format("m4a"),
-    }
+    assert list(audio) == ["a_wav", "b_mp3", "d_m4a"]  # MP3 and OGG are in data.limits.audio_formats
+    assert skipped(tmp_path / "d")[f"{shards}/00000.tar:c_m4a"].startswith("cannot open media as mp4")
+    m4a_info = soundfile.info(io.BytesIO(audio["d_m4a"]["flac"]))  # decoded by PyAV, kept as flac
+    assert m4a_info.samplerate == 22_050 and abs(m4a_info.duration - 1.5) < 0.1
     argv = ["--input", str(shards / "00000.tar"), "--output", str(tmp_path / "m"), "--quiet"]
     assert make_shards.main([*argv, "--limit", "audio_formats=WAV,FLAC"]) == 0
-    assert [s["__key__"] for s in samples_of(tmp_path / "m", "audio")] == ["a_wav"]
+    assert [s["__key__"] for s in samples_of(tmp_path / "m", "audio")] == ["a_wav", "d_m4a"]  # not sndfile
     assert (
         skipped(tmp_path / "m")[f"{shards}/00000.tar:b_mp3"] == "audio format MP3 is not allowed (WAV/FLAC)"
     )

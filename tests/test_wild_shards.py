@@ -10,15 +10,13 @@ import io
 import json
 import subprocess
 import sys
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile
 import webdataset as wds
-from hostile_media import png
+from hostile_media import m4a, png, webm
 from PIL import Image
 
 from selfflow.configs import load_config
@@ -64,33 +62,6 @@ def flash_clip(seconds: float, fps: int, size: tuple[int, int], flash: float, au
     sound = np.zeros((1, int(seconds * 16_000)), np.float32)
     sound[0, round(flash * 16_000) : round(flash * 16_000) + 160] = 0.8
     return encode_mp4(video, fps, sound if audio else None, 16_000)
-
-
-def webm(seconds: float, fps: int = 16, side: int = 48) -> bytes:
-    """A VP9 webm without sound whose frames brighten steadily."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="webm") as box:
-        stream = box.add_stream("libvpx-vp9", rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = side, side, "yuv420p"
-        for i in range(int(seconds * fps)):
-            frame = av.VideoFrame.from_ndarray(np.full((side, side, 3), 4 * i, np.uint8), format="rgb24")
-            frame.pts = i
-            box.mux(stream.encode(frame))
-        box.mux(stream.encode(None))
-    return buf.getvalue()
-
-
-def m4a(seconds: float, rate: int = 22_050) -> bytes:
-    buf = io.BytesIO()
-    wave = (0.3 * np.sin(np.arange(int(seconds * rate)) * 0.05)).astype(np.float32)[None]
-    with av.open(buf, mode="w", format="mp4") as box:
-        stream = box.add_stream("aac", rate=rate, layout="mono")
-        for lo in range(0, wave.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, lo : lo + 1024]), "fltp", "mono")
-            frame.sample_rate, frame.pts, frame.time_base = rate, lo, Fraction(1, rate)
-            box.mux(stream.encode(frame))
-        box.mux(stream.encode(None))
-    return buf.getvalue()
 
 
 def sound(fmt: str, seconds: float = 1.5, rate: int = 44_100, channels: int = 2) -> bytes:
