@@ -121,12 +121,14 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 32  # per process
     lr: float = 1e-4
-    warmup_steps: int = 0  # linear warm-up, then constant
+    warmup_steps: int = 0  # linear warm-up, then `schedule`
+    schedule: str = "constant"  # after warm-up: constant | cosine | linear (decay to 0 at max_steps)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global grad-norm; <= 0 disables
     ema_decay: float = 0.9999  # the evaluation model and, by default, the Self-Flow / SRA teacher
     teacher_decay: float = -1.0  # < 0: the teacher is the evaluation EMA; else a second, faster EMA
+    ema_warmup: bool = False  # EMA decay min(decay, (1 + n) / (10 + n)) at update n (off: the paper's)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | bf16 | fp32
     log_every: int = 10  # steps between metric syncs (metrics.jsonl, TensorBoard, progress bar)
@@ -165,6 +167,8 @@ class TrainConfig:
         ]
         if unknown:
             raise ConfigError(f"train.preempt_signals: unknown signal(s) {unknown} (e.g. SIGTERM, SIGUSR1)")
+        if self.schedule not in ("constant", "cosine", "linear"):
+            raise ConfigError(f"train.schedule {self.schedule!r} is not one of constant, cosine, linear")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision {self.precision!r} is not one of auto, bf16, fp32")
 

@@ -30,6 +30,7 @@ from selfflow.tokenizers.spec import ClipSpec
 
 AV_ERRORS = (av.error.FFmpegError, ValueError, OSError, EOFError, IndexError)
 _AUDIO_MARGIN = 0.25  # seconds of audio decoded around a window (codec priming, resampler filter)
+_SEEK_FROM = 1.0  # a window starting later than this many seconds is reached by seeking
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,37 @@ def has_audio_stream(data: bytes, container: str = "mp4") -> bool:
         return bool(box.streams.audio)
 
 
+def sniff_audio(data: bytes) -> str | None:
+    """The libsndfile format name of audio bytes from their first bytes (None when not one of these),
+    so that libsndfile, which would parse any of its many formats, only sees an allowed one."""
+    head = data[:12]
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return "WAV"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "AIFF"
+    if head[:4] == b"fLaC":
+        return "FLAC"
+    if head[:4] == b"OggS":
+        return "OGG"
+    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "MP3"
+    return None
+
+
+def check_audio_format(data: bytes, limits: DecodeLimits = LIMITS) -> str:
+    """The sniffed format when `limits.audio_formats` allows it, else ValueError."""
+    kind = sniff_audio(data)
+    if kind not in limits.audio_formats:
+        allowed = "/".join(limits.audio_formats)
+        raise ValueError(f"audio format {kind or 'unknown'} is not allowed ({allowed})")
+    return kind
+
+
 def audio_duration(data: bytes, limits: DecodeLimits = LIMITS, container: str | None = None) -> float:
     """Seconds of audio that the header promises (libsndfile formats, or `container` through PyAV)."""
     if container is not None:
         return probe(data, limits, container).duration
+    check_audio_format(data, limits)
     try:
         info = soundfile.info(io.BytesIO(data))
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
@@ -207,15 +235,26 @@ def decode_av(
                 raise ValueError("no video stream")
             if audio and not box.streams.audio:
                 raise ValueError("no audio stream")
+            if video:
+                _seek(box, box.streams.video[0], start)
             frames = _frames(box, spec, start, limits.max_fps) if video else None
             if audio:
-                box.seek(0)
+                _seek(box, box.streams.audio[0], start - _AUDIO_MARGIN)
                 until = start + spec.duration + _AUDIO_MARGIN
                 samples, origin = _audio_stream(box, spec.sample_rate, spec.audio_channels, until)
             sound = _window(samples, origin, spec, start) if audio else None
         except (av.error.FFmpegError, EOFError, IndexError) as err:
             raise ValueError(f"cannot decode media: {err}") from err
     return Clip(frames, sound)
+
+
+def _seek(box: av.container.InputContainer, stream: av.stream.Stream, seconds: float) -> None:
+    """To the last keyframe of `stream` at or before `seconds`, when that is far enough in to matter
+    (decoding from 0 costs time in proportion to a window's start); else back to the beginning."""
+    if seconds > _SEEK_FROM:
+        box.seek(int(seconds / stream.time_base), stream=stream, backward=True, any_frame=False)
+    else:
+        box.seek(0)
 
 
 def read_audio(data: bytes, limits: DecodeLimits = LIMITS, container: str = "mp4") -> tuple[np.ndarray, int]:
@@ -244,6 +283,7 @@ def decode_audio(
     resampler) is read, after the header passed `limits`."""
     if container is not None:
         return decode_av(data, spec, start, video=False, audio=True, limits=limits, container=container).audio
+    check_audio_format(data, limits)
     try:
         info = soundfile.info(io.BytesIO(data))
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:

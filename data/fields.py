@@ -35,13 +35,14 @@ def media_field(raw: dict, task: str) -> str | None:
 
 
 def infer_task(raw: dict, limits: DecodeLimits = LIMITS) -> str:
-    """The task a sample feeds, from its fields (images first, then video, then audio); ValueError when
-    it has no media field this reader knows, or its video container cannot be opened."""
-    if media_field(raw, "image") is not None:
-        return "image"
+    """The task a sample feeds, from its fields (video first: a clip may come with a jpg thumbnail; then
+    images, then audio; make_shards' tar input takes the same order); ValueError when it has no media
+    field this reader knows, or its video container cannot be opened."""
     video = media_field(raw, "video")
     if video is not None:
         return "av" if has_audio_stream(raw[video], VIDEO_CONTAINERS[video]) else "video"
+    if media_field(raw, "image") is not None:
+        return "image"
     if media_field(raw, "audio") is not None:
         return "audio"
     fields = sorted(k for k in raw if not k.startswith("__")) or ["none"]

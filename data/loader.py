@@ -99,9 +99,10 @@ def find_shards(shards: ShardSource, task_shards: dict[str, str] | None = None) 
             named = {p for paths in listed.values() for p in paths or []}
             for task, paths in listed.items():
                 sets.typed.setdefault(task, []).extend(paths or [])
-            sets.mixed += [p for p in sorted(glob.glob(str(folder / "*.tar"))) if p not in named]
-            if not named and not sets.mixed:
+            others = [p for p in sorted(glob.glob(str(folder / "*.tar"))) if p not in named]
+            if not named and not others:
                 raise FileNotFoundError(f"no .tar shards in {folder}")
+            sets.mixed += others
         else:
             sets.mixed += _expand(source)
     for task, source in (task_shards or {}).items():

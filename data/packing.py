@@ -32,7 +32,16 @@ import av
 import numpy as np
 import soundfile
 
-from selfflow.data.avio import AV_ERRORS, MediaInfo, decode_audio, decode_av, encode_mp4, probe, read_audio
+from selfflow.data.avio import (
+    AV_ERRORS,
+    MediaInfo,
+    check_audio_format,
+    decode_audio,
+    decode_av,
+    encode_mp4,
+    probe,
+    read_audio,
+)
 from selfflow.data.decode import (
     IMAGE_FIELD_OF_FORMAT,
     LIMITS,
@@ -230,6 +239,7 @@ def _audio(
 def _sndfile_audio(data: bytes, limits: DecodeLimits, keep: bool) -> tuple[int, int, float, bytes]:
     """(rate, channels, seconds, the bytes to store when kept) of a libsndfile format, every sample
     decoded once; a wav is stored as flac, a flac as it is."""
+    check_audio_format(data, limits)
     try:
         info = soundfile.info(io.BytesIO(data))
     except (RuntimeError, TypeError) as err:

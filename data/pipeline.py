@@ -14,9 +14,10 @@ seconds of the sample, which make_shards cuts to length).
 Order. Each epoch of a task permutes its shard list with RNG (seed, epoch), the same on every rank,
 and gives process (rank, worker) every (world x workers)-th shard of it, so processes read disjoint
 shards; samples then pass a shuffle buffer seeded by (seed, rank, worker, epoch, task). Which task a
-batch comes from is drawn from RNG (seed, rank, batch index). The state is the batch index plus, per
-task, (epoch, raw samples consumed in the epoch): restoring replays the raw tar stream up to that
-point without decoding, so the next batch is the one an uninterrupted run would have produced.
+batch comes from is drawn from RNG (seed, worker, batch index), the same on every rank. The state is
+the batch index plus, per task, (epoch, raw samples consumed in the epoch): restoring replays the raw
+tar stream up to that point without decoding, so the next batch is the one an uninterrupted run would
+have produced.
 
 Faults (`data/streams.py`). A bad sample or shard is skipped and counted with its key and shard, and
 listed in the next batch's `MediaBatch.skipped`; `strict=True` raises instead. More processes than
@@ -153,7 +154,9 @@ class DataPipeline:
         return self
 
     def next_task(self) -> str:
-        rng = np.random.default_rng([self.seed, self.rank, self.worker, self.batches])
+        """The task of the next batch: the same on every rank (a sharded engine needs every rank to run
+        the same modules in a step); the 0 keeps the sequence a single process drew before."""
+        rng = np.random.default_rng([self.seed, 0, self.worker, self.batches])
         return self.tasks[int(rng.choice(len(self.tasks), p=self.probs))]
 
     def __next__(self) -> MediaBatch:
@@ -226,6 +229,8 @@ class WorkerPipeline:
         self.kwargs, self.workers, self.timeout = kwargs, workers, timeout
         probe = DataPipeline(**kwargs, worker=workers - 1, workers=workers)  # fail now on too few shards
         self.fingerprints = probe.fingerprints
+        if not kwargs.get("weights"):  # the tasks are found once, here, and not again in each worker
+            self.kwargs = {**kwargs, "weights": {t: 1.0 for t in probe.tasks}}
         self.states: list[dict | None] = [None] * workers
         self.count = 0  # batches delivered
         self._loader: Iterator | None = None
@@ -256,9 +261,10 @@ class WorkerPipeline:
         except DataError as err:  # raised in a worker: the DataLoader adds the worker's traceback
             raise DataError(_last_line(err)) from err
         except RuntimeError as err:  # a worker died (killed, crashed) or sent nothing for `timeout` s
-            raise DataError(
-                f"data loader: {_last_line(err)} (data.worker_timeout_s={self.timeout:g})"
-            ) from err
+            if not any(m in str(err) for m in _LOADER_FAULTS):
+                raise  # an error in the worker's own code: a bug, with its traceback
+            why = f"data loader: {_last_line(err)} (data.worker_timeout_s={self.timeout:g})"
+            raise DataError(why) from err
         batch.media = {m: torch.from_numpy(x) for m, x in batch.media.items()}
         self.states[self.count % self.workers] = state
         self.count += 1
@@ -278,6 +284,10 @@ class WorkerPipeline:
             if worker_state is not None:
                 check_fingerprints(worker_state.get("shards"), self.fingerprints, allow)
         self.count, self.states, self._loader = int(state["count"]), list(state["states"]), None
+
+
+# what torch's DataLoader says when a worker dies or sends nothing for its timeout
+_LOADER_FAULTS = ("DataLoader worker", "DataLoader timed out")
 
 
 def _last_line(err: BaseException) -> str:

@@ -270,8 +270,9 @@ def iter_tar_samples(
 
     Consecutive members with the same key form a sample. A member over `max_member_bytes` is not read:
     its sample carries "__error__" instead. Raises tarfile.TarError or OSError if the shard is
-    unreadable or truncated anywhere, a header included, or its command fails (after yielding the
-    samples before the damage).
+    unreadable or truncated anywhere, a header included, or its command fails, after yielding the
+    samples before the damage (not the one the damage cut: it may lack members). Whatever tarfile raises
+    on a crafted header is a tarfile.ReadError.
     """
     stream, finished = open_shard(source), False  # None: closed early by the consumer
     try:
@@ -290,9 +291,9 @@ def iter_tar_samples(
                     sample.setdefault("__error__", f"field {field} is {member.size} bytes, over the limit")
                     continue
                 sample[field] = tar.extractfile(member).read()
-            if sample is not None:
-                yield sample
             damage = getattr(tar, "damage", None)
+            if sample is not None and damage is None:
+                yield sample
         if damage is not None:
             raise tarfile.ReadError(damage)
         while stream.read(1 << 16):  # to the end, so that a command's exit status is checked
@@ -301,6 +302,10 @@ def iter_tar_samples(
     except GeneratorExit:
         finished = None  # the consumer stopped early: a command it cut off has not failed
         raise
+    except (tarfile.TarError, OSError):
+        raise
+    except Exception as err:  # tarfile's parsing of a crafted header (e.g. a pax sparse map) fails so
+        raise tarfile.ReadError(f"damaged tar header ({type(err).__name__}: {err})") from err
     finally:
         try:
             stream.close()

@@ -192,7 +192,7 @@ class TaskStream:
                     continue
                 tries = f" (after {attempt + 1} attempts)" if is_url(shard) else ""
                 why = f"unreadable shard from here on{tries}: {shard_error(err)}"
-                self._fault(f"{shard}:*", why, shared=True)
+                self._fault(f"{shard}:*", why, shared_in=shard)
                 return
 
     def _epoch_stream(self, skip: int) -> Iterator[tuple[str, dict]]:
@@ -209,10 +209,10 @@ class TaskStream:
             self._replaying = False
         return stream
 
-    def _fault(self, where: str, reason: str, shared: bool = False) -> None:
-        """Count a bad sample or shard. A `shared` fault (the shard itself, or a sample whose task
-        cannot be told) is met by every stream reading a mixed shard: only the accounting one counts it."""
-        if shared and where.rpartition(":")[0] in self.mixed and not self.accounting:
+    def _fault(self, where: str, reason: str, shared_in: str | None = None) -> None:
+        """Count a bad sample or shard. A fault `shared_in` a mixed shard (the shard itself, or a sample
+        whose task cannot be told) is met by every stream reading it: only the accounting one counts it."""
+        if shared_in in self.mixed and not self.accounting:
             return
         if self.strict:
             raise DataError(f"{where}: {reason}")
@@ -247,7 +247,7 @@ class TaskStream:
                     if infer_task(raw, self.limits) != self.task:
                         continue  # another task's sample
                 except Exception as err:  # no known media field, a container that will not open, ...
-                    self._fault(where, shard_error(err), shared=True)
+                    self._fault(where, shard_error(err), shared_in=raw["__shard__"])
                     continue
             try:
                 return decode_sample(

@@ -167,22 +167,13 @@ class _Stager:
         self.entries.append(Entry(key, media, kind, caption, meta))
 
     def stage(self, source: str, max_member_bytes: int) -> None:
-        """Every sample of one shard, holding each back until the next arrives: a sample read just
-        before damage may lack members, so it is a Skip too."""
-        held = None
+        """Every sample of one shard; a shard that fails is a Skip from there on (`iter_tar_samples`
+        yields only whole samples: not the one a damaged header cut)."""
         try:
             for sample in iter_tar_samples(source, max_member_bytes):
-                if held is not None:
-                    self.add(source, held)
-                held = sample
+                self.add(source, sample)
         except (tarfile.TarError, OSError) as err:
             self.skips.append(Skip(source, f"cannot read shard: {shard_error(err)}"))
-            if held is not None:
-                reason = "the shard is damaged right after this sample, which may be incomplete"
-                self.skips.append(Skip(f"{source}:{held['__key__']}", reason))
-            return
-        if held is not None:
-            self.add(source, held)
 
 
 def stage_tars(

@@ -83,6 +83,9 @@ def _task_pipeline(cfg: Config, shards: str | Path, task: str, seed: int, batch_
         batch_size=batch_size,
         shuffle_buffer=0,
         image_fit=cfg.data.image_fit,
+        limits=cfg.data.limits,
+        caption_key=cfg.data.caption_key,
+        clip_window="start",  # the same window of every clip at every evaluation
     )
 
 

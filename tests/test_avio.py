@@ -92,3 +92,19 @@ def test_noisy_clips_encode_to_the_same_bytes_every_time(size):
             video[f, 16:24, x : x + 8] = (255, 10 * c, 0)
         video = np.clip(video + rng.integers(0, 20, video.shape), 0, 255).astype(np.uint8)
         assert len({encode_mp4(video, 8) for _ in range(4)}) == 1
+
+
+def test_a_late_window_is_reached_by_seeking_and_equals_the_same_part_of_a_whole_decode():
+    fps, rate, seconds = 8, 16_000, 60
+    video = np.zeros((fps * seconds, 32, 32, 3), np.uint8)  # [T, H, W, 3]: every frame different
+    video[..., 0] = (np.arange(fps * seconds) % 256)[:, None, None]
+    video[..., 1] = (np.arange(fps * seconds) // 256 * 40)[:, None, None]
+    audio = (0.3 * np.sin(np.arange(seconds * rate) * 0.01)).astype(np.float32)[None]
+    data = encode_mp4(video, fps, audio, rate)
+    spec = dataclasses.replace(SPEC, fps=fps, duration=1.0)
+    whole = decode_av(data, dataclasses.replace(spec, duration=float(seconds)))
+    for start in (0.5, 5.0, 50.0):  # the last two seek to a keyframe instead of decoding from 0
+        clip = decode_av(data, spec, start)
+        i, j = round(start * fps), round(start * rate)
+        assert np.array_equal(clip.video, whole.video[i : i + fps]), start
+        assert np.array_equal(clip.audio, whole.audio[:, j : j + rate]), start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -127,3 +128,20 @@ def test_smoke_forward_demo_runs():
         "velocity -> video (1, 3, 8, 32, 32)" in run.stdout
         and "velocity -> audio (1, 1, 16000)" in run.stdout
     )
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_lr_schedules_warm_up_then_decay_as_named(schedule):
+    from selfflow.training.loop import lr_factor
+
+    t = load_config(
+        "tiny", ["train.warmup_steps=4", "train.max_steps=104", f"train.schedule={schedule}"]
+    ).train
+    factors = [lr_factor(t, s) for s in range(104)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    middle, last = factors[54], factors[103]  # half-way through the decay, and the last step
+    expected = {"constant": (1.0, 1.0), "cosine": (0.5, 0.5 * (1 + math.cos(math.pi * 0.99))),
+                "linear": (0.5, 0.01)}[schedule]  # fmt: skip
+    assert middle == pytest.approx(expected[0]) and last == pytest.approx(expected[1])
+    with pytest.raises(ConfigError, match="train.schedule 'step' is not one of"):
+        load_config("tiny", ["train.schedule=step"])

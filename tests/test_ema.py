@@ -172,3 +172,28 @@ def test_ema_of_tiny_mmdit_matches_the_source_at_creation(tiny_cfg, tiny_model):
     ema.update(other)  # update on the real model class works and moves the weights
     assert ema.num_updates == 1
     assert not torch.equal(ema.model.null_txt, tiny_model.null_txt)
+
+
+def test_warmup_follows_the_model_early_and_reaches_the_decay():
+    model = torch.nn.Linear(3, 2, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.99, warmup=True)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # n = 0: decay min(0.99, 1 / 10) = 0.1, so the copy moves 90 % of the way
+    assert torch.allclose(ema.model.weight, torch.full((2, 3), 0.9))
+    assert [round(d, 4) for d in _decays(ema, 3)] == [0.1818, 0.25, 0.3077]  # (1 + n) / (10 + n)
+    ema.num_updates = 10_000
+    assert ema.current_decay() == 0.99
+    restored = EMA(model, decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.warmup and restored.current_decay() == 0.99
+    assert EMA(model, decay=0.99).current_decay() == 0.99  # off by default: the paper's recipe
+
+
+def _decays(ema: EMA, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        out.append(ema.current_decay())
+        ema.num_updates += 1
+    return out

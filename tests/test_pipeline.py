@@ -59,9 +59,21 @@ def test_av_clips_keep_sync_after_decoding(shards):
         assert onset / SPEC.sample_rate == pytest.approx(frame / SPEC.fps, abs=0.002), s.key
 
 
+def test_every_rank_draws_the_same_task_for_a_step_and_reads_its_own_shards(shards):
+    """Sharded engines (FSDP2, ZeRO-3) need every rank to run the same modules in a step."""
+    kwargs = dict(seed=4, weights={"av": 1, "audio": 1}, batch_size=2, world=2)  # 4 and 2 shards
+    ranks = [DataPipeline(shards, SPEC, rank=r, **kwargs) for r in range(2)]
+    batches = [[next(p) for _ in range(12)] for p in ranks]
+    assert [b.task for b in batches[0]] == [b.task for b in batches[1]]
+    assert len({b.task for b in batches[0]}) == 2
+    for task in ("av", "audio"):  # each rank still reads its own shards
+        mine = [set(p.streams[task]._my_shards(0)) for p in ranks]
+        assert mine[0] and mine[1] and not mine[0] & mine[1]
+
+
 def test_weights_pick_tasks_and_image_batches_match_the_loader_layout(shards):
     pipe = DataPipeline(shards, SPEC, seed=1, weights={"image": 3, "av": 1}, batch_size=2)
-    assert pipe.next_task() == next(pipe).task  # the draw depends only on (seed, rank, batch index)
+    assert pipe.next_task() == next(pipe).task  # the draw depends only on (seed, worker, batch index)
     tasks = [next(pipe).task for _ in range(40)]
     assert 0.6 < tasks.count("image") / len(tasks) < 0.9 and "audio" not in tasks
     img = next(b for b in (next(pipe) for _ in range(10)) if b.task == "image")

@@ -26,6 +26,7 @@ from PIL import Image
 
 from selfflow.configs import load_config
 from selfflow.data.pipeline import DataPipeline
+from selfflow.tokenizers.spec import ClipSpec
 from selfflow.tools import make_shards
 
 
@@ -50,7 +51,7 @@ def write_img2dataset(folder: Path, images: int, per_shard: int = 250) -> str:
     return str(folder / f"{{00000..{shards - 1:05d}}}.tar")
 
 
-def read_rate(source: str, spec, images: int, batch: int) -> float:
+def read_rate(source: str, spec: ClipSpec, images: int, batch: int) -> float:
     """Samples per second reading every sample of `source` once (the first batch untimed)."""
     pipe = DataPipeline(source, spec, seed=0, weights={"image": 1.0}, batch_size=batch, shuffle_buffer=64)
     next(pipe)

@@ -126,8 +126,7 @@ def _publish(tmp: Path, final: Path) -> None:
 def _point_latest_and_prune(root: Path, final: Path, keep_last: int) -> None:
     """`latest` -> final, durably; only then may older checkpoints go."""
     write_atomic(root / LATEST, final.name + "\n", durable=True)
-    if keep_last > 0:
-        prune(root, keep_last, protect=final)
+    prune(root, keep_last, protect=final)  # keep_last=0 keeps every checkpoint but still drops temps
 
 
 def _write_main(
@@ -255,8 +254,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def prune(root: Path, keep_last: int, protect: Path | None = None) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, never `protect`; drop stale temps."""
-    for old in list_checkpoints(root)[:-keep_last]:
+    """Delete all but the newest `keep_last` complete checkpoints (0: keep all), never `protect`; drop
+    stale temporary folders."""
+    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         if protect is None or old.resolve() != protect.resolve():
             shutil.rmtree(old, ignore_errors=True)
     for tmp in root.glob(".tmp-*"):

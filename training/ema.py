@@ -8,9 +8,12 @@ plays both roles.
 Nothing here assumes sharding: under ZeRO-3 the caller gathers the full parameters (e.g. with
 `deepspeed.zero.GatheredParameters`) before calling `EMA.update`.
 
-Checkpoint format: `state_dict()` is `{"decay", "num_updates", "model": weights()}`. For safetensors,
-save `weights()` (plain tensors) with `safetensors.torch.save_file` and `meta()` as JSON, then restore
-with `load_state_dict({**meta, "model": weights})`.
+Warm-up (`warmup=True`, `train.ema_warmup`): the n-th update uses min(decay, (1 + n) / (10 + n)), so
+the copy follows the model early on instead of holding decay^n of its initial weights.
+
+Checkpoint format: `state_dict()` is `{"decay", "warmup", "num_updates", "model": weights()}`. For
+safetensors, save `weights()` (plain tensors) with `safetensors.torch.save_file` and `meta()` as JSON,
+then restore with `load_state_dict({**meta, "model": weights})`.
 """
 
 from __future__ import annotations
@@ -48,8 +51,11 @@ class EMA:
     requires grad, and changes only through `update` / `load_state_dict`.
     """
 
-    def __init__(self, model: nn.Module, decay: float, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, decay: float, dtype: torch.dtype | None = None, warmup: bool = False
+    ) -> None:
         self.decay = _check_decay(decay)
+        self.warmup = bool(warmup)
         self.num_updates = 0
         self.model: nn.Module = copy.deepcopy(unwrap(model)).eval()
         if dtype is not None:
@@ -89,6 +95,13 @@ class EMA:
                     raise ValueError(f"EMA update: {kind[:-1]} {name} has shape {shapes}")
         return list(params.values()), list(buffers.values())
 
+    def current_decay(self) -> float:
+        """The decay of the next update: `decay`, or with warm-up min(decay, (1 + n) / (10 + n)) after n
+        updates, so that a short run does not keep decay^n of the initial weights (README, EMA pitfall)."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the EMA towards `model` (bare or wrapped) by one step; call after each optimizer step."""
@@ -96,7 +109,7 @@ class EMA:
         if self._params:
             pairs = zip(params, self._params, strict=True)
             src = [p.detach().to(device=e.device, dtype=e.dtype) for p, e in pairs]
-            torch._foreach_lerp_(self._params, src, 1.0 - self.decay)
+            torch._foreach_lerp_(self._params, src, 1.0 - self.current_decay())
         for e, b in zip(self._buffers, buffers, strict=True):
             e.copy_(b)
         self.num_updates += 1
@@ -106,8 +119,8 @@ class EMA:
         return self.model.state_dict()
 
     def meta(self) -> dict[str, Any]:
-        """JSON-serialisable counters: decay and number of updates."""
-        return {"decay": self.decay, "num_updates": self.num_updates}
+        """JSON-serialisable counters: decay, warm-up and number of updates."""
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates}
 
     def state_dict(self) -> dict[str, Any]:
         """`meta()` plus the weights under "model"."""
@@ -117,17 +130,22 @@ class EMA:
         """Restore weights (strictly, by name), decay and num_updates from `state_dict()`."""
         self.model.load_state_dict(state["model"], strict=True)
         self.decay = _check_decay(state["decay"])
+        self.warmup = bool(state.get("warmup", False))  # checkpoints from before warm-up existed: off
         self.num_updates = int(state["num_updates"])
 
 
 def make_emas(
-    model: nn.Module, eval_decay: float, teacher_decay: float | None = None, dtype: torch.dtype | None = None
+    model: nn.Module,
+    eval_decay: float,
+    teacher_decay: float | None = None,
+    dtype: torch.dtype | None = None,
+    warmup: bool = False,
 ) -> tuple[EMA, EMA]:
     """(eval_ema, teacher_ema): one shared object unless `teacher_decay` differs from `eval_decay`."""
-    eval_ema = EMA(model, eval_decay, dtype)
+    eval_ema = EMA(model, eval_decay, dtype, warmup)
     if teacher_decay is None or float(teacher_decay) == eval_ema.decay:
         return eval_ema, eval_ema
-    return eval_ema, EMA(model, teacher_decay, dtype)
+    return eval_ema, EMA(model, teacher_decay, dtype, warmup)
 
 
 def update_all(emas: Iterable[EMA], model: nn.Module) -> None:

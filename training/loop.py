@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from selfflow.configs.schema import Config, ConfigError, save_config
+from selfflow.configs.schema import Config, ConfigError, TrainConfig, save_config
 from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, MediaBatch, WorkerPipeline
 from selfflow.inference.pipeline import Generator, autocast, image_grid, pick_device, save_image
 from selfflow.inference.samplers import SamplingStopped
@@ -80,6 +81,18 @@ def _repa_encoder(cfg: Config, media: MediaTokenizer, device: torch.device) -> A
     return build_encoder(cfg.objective.repa_encoder, media, resolution).to(device)
 
 
+def lr_factor(t: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (from 0) over train.lr: a linear warm-up over
+    `warmup_steps`, then `schedule`: constant, or a cosine / linear decay to 0 at `max_steps`."""
+    warmup = max(t.warmup_steps, 0)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, t.max_steps - warmup))
+    if t.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress if t.schedule == "linear" else 1.0
+
+
 def build_trainer(cfg: Config, device: str | torch.device | None = None, dist: Dist = SINGLE) -> Trainer:
     """Model (seeded by cfg.seed, the same on every rank), projector head, EMA(s), AdamW + warm-up, the
     objective's RNG (seeded per rank) and tokenizers; under dist.engine=deepspeed, the engine."""
@@ -92,15 +105,14 @@ def build_trainer(cfg: Config, device: str | torch.device | None = None, dist: D
     head = make_head(name, student.params.hidden_size, getattr(encoder, "feature_dim", 0))
     head = head.to(device) if head is not None else None
     teacher_decay = cfg.train.teacher_decay if cfg.train.teacher_decay >= 0 else None
-    ema, teacher_ema = make_emas(student, cfg.train.ema_decay, teacher_decay, dtype=torch.float32)
+    ema, teacher_ema = make_emas(
+        student, cfg.train.ema_decay, teacher_decay, dtype=torch.float32, warmup=cfg.train.ema_warmup
+    )
     teacher = teacher_ema.model if name in TEACHER_OBJECTIVES else None
     params = list(student.parameters()) + (list(head.parameters()) if head is not None else [])
     t = cfg.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    warmup = max(t.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, t))
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1_000_003 * dist.rank)
     engine = dist_io.make_engine(cfg, dist, student, head, optimizer) if dist.deepspeed else None
     return Trainer(
