@@ -193,12 +193,15 @@ def _single_reference(shards: Path, tmp_path: Path, steps: int) -> dict[str, tor
 
 
 @pytest.mark.slow
-def test_zero3_ema_equals_the_single_process_ema(shards, tmp_path):
-    """2 ranks under ZeRO-3, each with the same 2 samples and noise draws (a global batch of two copies),
-    average to exactly the single-process gradient of those 2 samples; after 3 steps the EMA (updated
-    from gathered parameters) equals the single-process EMA."""
-    needs("zero3")
-    launch(__file__, "ema", str(tmp_path), str(shards), *ENGINES["zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_two_ranks_give_the_single_process_gradients_and_ema(shards, tmp_path, engine):
+    """2 ranks (DistributedDataParallel, or ZeRO-3), each with the same 2 samples and noise draws (a
+    global batch of two copies), average to exactly the single-process gradient of those 2 samples;
+    after 3 steps the EMA (under ZeRO-3 updated from gathered parameters) equals the single-process EMA."""
+    needs(engine)
+    launch(__file__, "ema", str(tmp_path), str(shards), *ENGINES[engine])
+    wrapper = "DistributedDataParallel" if engine == "ddp" else "DeepSpeedEngine"
+    assert {(tmp_path / f"wrapper_rank{r}.txt").read_text() for r in (0, 1)} == {wrapper}
     sharded, other = (ckpt_io.load_weights(tmp_path, f"ema_rank{r}") for r in (0, 1))
     assert sharded.keys() == other.keys() and all(torch.equal(sharded[k], other[k]) for k in other)
     reference = _single_reference(shards, tmp_path / "single", steps=3)
@@ -310,6 +313,8 @@ def _worker_ema(tr, out: Path) -> None:
     save_file(
         {k: v.contiguous() for k, v in tr.ema.weights().items()}, out / f"ema_rank{tr.dist.rank}.safetensors"
     )
+    wrapper = tr.ddp if tr.ddp is not None else tr.engine
+    (out / f"wrapper_rank{tr.dist.rank}.txt").write_text(type(wrapper).__name__)
 
 
 def _worker_nan(tr, out: Path) -> None:

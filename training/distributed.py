@@ -5,9 +5,9 @@ and the DeepSpeed engine. `training/loop.py` calls in here only when more than o
     torchrun --nproc_per_node 8 training/main.py --config ...                      # dist.engine=ddp
     deepspeed --num_gpus 8 training/main.py --config ... dist.engine=deepspeed dist.zero_stage=3
 
-Engines. `ddp`: every rank keeps the full model and optimizer; after backward the gradients of all
-ranks are averaged with one flat all-reduce (the student and the projector head together, whichever
-parameters a task left unused included), so every rank applies the same update. `deepspeed`: the
+Engines. `ddp`: every rank keeps the full model and optimizer, and torch's DistributedDataParallel over
+the student and projector head averages the gradients while backward runs (`make_ddp`), so every rank
+applies the same update. `deepspeed`: the
 student and head run inside a DeepSpeed engine with ZeRO stage 0, 2 or 3 over the same torch AdamW;
 its JSON config is generated from `train.*` (`deepspeed_config`).
 
@@ -118,32 +118,16 @@ def any_rank(dist: Dist, flag: bool | Tensor, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def _buckets(grads: list[Tensor], size: int) -> Iterator[list[Tensor]]:
-    bucket: list[Tensor] = []
-    count = 0
-    for g in grads:
-        if bucket and count + g.numel() > size:
-            yield bucket
-            bucket, count = [], 0
-        bucket.append(g)
-        count += g.numel()
-    if bucket:
-        yield bucket
+def make_ddp(student: nn.Module, head: nn.Module | None, device: torch.device) -> nn.Module:
+    """torch's DistributedDataParallel over (student, head): gradients are averaged in buckets while
+    backward runs. A step uses only its task's embedders and projections (the same task on every rank:
+    `DataPipeline.next_task`), so the others are found unused and keep no gradient, as in one process."""
+    from torch.nn.parallel import DistributedDataParallel
 
-
-def average_gradients(params: list[nn.Parameter], world: int, bucket: int = 2**25) -> None:
-    """Replace every gradient by its mean over the ranks: one all-reduce per flat bucket of up to `bucket`
-    elements (so the extra memory stays bounded). A parameter this rank did not use (another task's
-    embedder) contributes zeros, so all ranks keep the same set of gradients."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    for grads in _buckets([p.grad for p in params], bucket):
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= world
-        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            g.copy_(part.view_as(g))
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(
+        ObjectiveModule(student, head), device_ids=ids, find_unused_parameters=True
+    )
 
 
 # ---------------------------------------------------------------- DeepSpeed

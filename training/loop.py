@@ -70,6 +70,7 @@ class Trainer:
     data: DataPipeline | WorkerPipeline | None = None  # set by train(); its position is checkpointed
     dist: Dist = SINGLE  # this process's rank among `world` (training/distributed.py)
     engine: Any = None  # the DeepSpeed engine over student + head (dist.engine=deepspeed)
+    ddp: Any = None  # DistributedDataParallel over student + head (dist.engine=ddp, several processes)
 
 
 def _repa_encoder(cfg: Config, media: MediaTokenizer, device: torch.device) -> Any:
@@ -115,6 +116,7 @@ def build_trainer(cfg: Config, device: str | torch.device | None = None, dist: D
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, t))
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1_000_003 * dist.rank)
     engine = dist_io.make_engine(cfg, dist, student, head, optimizer) if dist.deepspeed else None
+    ddp = dist_io.make_ddp(student, head, device) if dist.multi and not dist.deepspeed else None
     return Trainer(
         cfg=cfg,
         device=device,
@@ -128,6 +130,7 @@ def build_trainer(cfg: Config, device: str | torch.device | None = None, dist: D
         encode_text=build_text_conditioner(cfg.text, device),
         dist=dist,
         engine=engine,
+        ddp=ddp,
     )
 
 
@@ -139,12 +142,11 @@ def make_batch(tr: Trainer, media: dict[str, Tensor], captions: list[str]) -> Ba
 
 
 def _local_update(tr: Trainer, out: ObjectiveOutput) -> bool:
-    """Backward, (across ranks: average the gradients), clip; step unless any rank saw a NaN / Inf."""
+    """Backward (under DDP the gradients are averaged across ranks as it runs), clip; step unless any
+    rank saw a NaN / Inf."""
     tr.optimizer.zero_grad(set_to_none=True)
     out.loss.mean().backward()
     params = [p for group in tr.optimizer.param_groups for p in group["params"]]
-    if tr.dist.multi:
-        dist_io.average_gradients(params, tr.dist.world)
     clip = tr.cfg.train.grad_clip if tr.cfg.train.grad_clip > 0 else math.inf
     out.metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
     finite = torch.isfinite(out.loss).all() & torch.isfinite(out.metrics["grad_norm"])
@@ -174,8 +176,9 @@ def train_step(tr: Trainer, batch: Batch) -> ObjectiveOutput:
     tr.models.student.train()
     run = OBJECTIVES[tr.cfg.objective.name]
     with autocast(tr.device, tr.cfg.train.precision):
-        if tr.engine is not None:  # through the engine, whose hooks gather ZeRO-3 parameters
-            out = tr.engine(run, tr.models, batch, tr.generator, tr.cfg.objective)
+        wrapper = tr.engine if tr.engine is not None else tr.ddp
+        if wrapper is not None:  # through the engine / DDP, whose hooks gather ZeRO-3 parameters or
+            out = wrapper(run, tr.models, batch, tr.generator, tr.cfg.objective)  # reduce gradients
         else:
             out = run(tr.models, batch, tr.generator, tr.cfg.objective)
     applied = _engine_update(tr, out) if tr.engine is not None else _local_update(tr, out)
