@@ -129,6 +129,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # the evaluation model and, by default, the Self-Flow / SRA teacher
     teacher_decay: float = -1.0  # < 0: the teacher is the evaluation EMA; else a second, faster EMA
     ema_warmup: bool = False  # EMA decay min(decay, (1 + n) / (10 + n)) at update n (off: the paper's)
+    init_from: str = ""  # a run, checkpoint or snapshot: start from its weights and EMA, fresh optimizer
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | bf16 | fp32
     log_every: int = 10  # steps between metric syncs (metrics.jsonl, TensorBoard, progress bar)

@@ -254,3 +254,22 @@ def test_step_benchmark_times_every_objective_side_by_side():
     result = bench(args)
     assert set(result["seconds_per_step"]) == {"vanilla", "self_flow"} and result["ratio"]["vanilla"] == 1.0
     assert all(t > 0 for t in result["seconds_per_step"].values())
+
+
+def test_init_from_starts_a_fresh_run_from_trained_weights(short_run, fmnist_shards, tmp_path):
+    cfg, _ = short_run
+    source = ckpt_io.latest_checkpoint(Path(cfg.run.dir) / "checkpoints")
+    run = tmp_path / "finetune"
+    tuned = tiny(fmnist_shards, run, "train.max_steps=2", f"train.init_from={cfg.run.dir}", "train.lr=1e-9")
+    train(tuned, progress=False)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert rows[0] == {"step": 0, "event": "init_from", "source": str(source)}
+    state = json.loads((ckpt_io.latest_checkpoint(run / "checkpoints") / "state.json").read_text())
+    assert state["step"] == 2 and state["samples_seen"] == 32  # a fresh count, not the source's 50 steps
+    trained = ckpt_io.load_weights(source, "model")
+    after = ckpt_io.load_weights(ckpt_io.latest_checkpoint(run / "checkpoints"), "model")
+    assert all(torch.allclose(trained[k], after[k], atol=1e-5) for k in trained)  # lr 1e-9: barely moved
+    wide = tiny(fmnist_shards, tmp_path / "wide", "model.hidden_size=96", "model.num_heads=2",
+                f"train.init_from={source}")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train.init_from .*: tensor null_txt has shape \(192,\), this"):
+        train(wide, progress=False)

@@ -37,6 +37,7 @@ from selfflow.tokenizers.media import MediaTokenizer
 from selfflow.training import distributed as dist_io
 from selfflow.training.distributed import SINGLE, Dist, any_rank, full_parameters
 from selfflow.training.ema import EMA, make_emas, update_all
+from selfflow.training.finetune import init_from
 from selfflow.training.guards import NonFiniteError, Preemption
 from selfflow.training.objectives import OBJECTIVES, Batch, Models, ObjectiveOutput, make_head
 from selfflow.training.runlock import hold_run_dir
@@ -318,8 +319,11 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
 def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
     cfg, run_dir, main = tr.cfg, Path(tr.cfg.run.dir), tr.dist.is_main
     tr.data = build_data(cfg, tr.dist)
+    started_from = None
     if plan.ckpt is not None:
         restore(tr, plan.ckpt)
+    elif cfg.train.init_from:  # a fresh run that starts from trained weights
+        started_from = init_from(tr, cfg.train.init_from)
     if main:
         save_config(cfg, run_dir / "config.yaml")
     summary = {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(plan.ckpt), "preempted": None}
@@ -328,6 +332,8 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
     logger = RunLogger(run_dir, resume_step=tr.step) if main else dist_io.QuietLogger()
     for event in plan.events():
         logger.log(tr.step, event)
+    if started_from is not None:
+        logger.log(tr.step, {"event": "init_from", "source": started_from})
     meter = MetricMeter(cfg.train.t_bins, tr.device)
     sampler = Generator(cfg, tr.ema.model, tr.device, cfg.train.precision, tr.media, tr.encode_text)
     bar = tqdm(total=cfg.train.max_steps, initial=tr.step, disable=not progress, desc=cfg.objective.name)
