@@ -125,7 +125,8 @@ def test_resume_refuses_another_number_of_processes(shards, tmp_path):
 
     cfg = small_cfg(shards, tmp_path, "train.max_steps=1")
     train(cfg, progress=False)
-    tr = build_trainer(cfg, "cpu", Dist(rank=0, world=2))  # no collective runs before the check
+    tr = build_trainer(cfg, "cpu")
+    tr.dist = Dist(rank=0, world=2)  # as if launched with 2 processes; no collective runs before the check
     with pytest.raises(ConfigError, match="1 process.* this run has 2"):
         restore(tr, ckpt_io.latest_checkpoint(tmp_path / "checkpoints"))
 
