@@ -21,10 +21,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from selfflow.data.fields import AUDIO_CONTAINERS, VIDEO_CONTAINERS
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-# the task (video or av) depends on the audio track, found by probing
-VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv")
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
+# the task of a video (video or av) depends on its audio track, found by probing
+VIDEO_SUFFIXES = tuple(f".{name}" for name in VIDEO_CONTAINERS)
+AUDIO_SUFFIXES = tuple(f".{name}" for name in AUDIO_CONTAINERS)
 KIND_OF_SUFFIX = {
     **dict.fromkeys(IMAGE_SUFFIXES, "image"),
     **dict.fromkeys(VIDEO_SUFFIXES, "mp4"),

@@ -60,7 +60,7 @@ def resolve_shards(shards: ShardSource, task: str = "image") -> list[str]:
         if not paths:
             raise FileNotFoundError(f"no {task} shards found at {shards}")
     else:
-        return _expand(str(shards))
+        return expand_source(str(shards))
     for path in paths:
         if not is_url(path) and not Path(path).is_file():
             raise FileNotFoundError(f"shard {path} not found")
@@ -73,12 +73,15 @@ class ShardSets:
     mixed: list[str] = field(default_factory=list)  # shards whose samples are routed by their fields
 
 
-def _expand(source: str) -> list[str]:
-    """A glob (local), or a brace pattern / URL / plain path (webdataset's expansion); checked to exist."""
-    if not is_url(source) and any(c in source for c in "*?["):
-        paths = sorted(glob.glob(source))
-    else:
-        paths = expand_urls(source)
+def expand_source(source: str) -> list[str]:
+    """The shards one source names: a URL brace-expanded as webdataset does; a local pattern
+    brace-expanded, then each part globbed; a plain path. FileNotFoundError when nothing matches or a
+    local shard is missing."""
+    parts = expand_urls(source) if is_url(source) or "{" in source else [source]
+    paths = [
+        p for part in parts
+        for p in (sorted(glob.glob(part)) if not is_url(part) and any(c in part for c in "*?[") else [part])
+    ]  # fmt: skip
     if not paths:
         raise FileNotFoundError(f"no shards match {source}")
     for path in paths:
@@ -104,11 +107,11 @@ def find_shards(shards: ShardSource, task_shards: dict[str, str] | None = None) 
                 raise FileNotFoundError(f"no .tar shards in {folder}")
             sets.mixed += others
         else:
-            sets.mixed += _expand(source)
+            sets.mixed += expand_source(source)
     for task, source in (task_shards or {}).items():
         if task not in TASKS:
             raise ValueError(f"data.task_shards: unknown task {task!r} (one of {', '.join(TASKS)})")
-        sets.typed.setdefault(task, []).extend(p for s in split_sources(source) for p in _expand(s))
+        sets.typed.setdefault(task, []).extend(p for s in split_sources(source) for p in expand_source(s))
     sets.typed = {t: paths for t, paths in sets.typed.items() if paths}
     return sets
 

@@ -51,7 +51,7 @@ from selfflow.data.decode import (
     png_bytes,
     resize_center_crop,
 )
-from selfflow.data.fields import AUDIO_CONTAINERS
+from selfflow.data.fields import AUDIO_CONTAINERS, VIDEO_CONTAINERS
 from selfflow.data.inputs import Entry
 from selfflow.data.latents import LatentOptions, latent_fields
 from selfflow.tokenizers.spec import ClipSpec
@@ -275,10 +275,7 @@ def _scan_audio(data: bytes, dtype: str, flac_subtype: str | None) -> tuple[int,
 
 
 # ---------------------------------------------------------------------- mp4 (video, av)
-# an input's suffix -> (the demuxer that may open it, the field and muxer its original bytes are kept in)
-_CONTAINERS = {"mp4": ("mp4", "mp4"), "mov": ("mp4", "mp4"), "m4v": ("mp4", "mp4")}
-_CONTAINERS |= {"webm": ("matroska", "webm"), "mkv": ("matroska", "mkv")}
-_MUXER = {"mp4": "mp4", "webm": "webm", "mkv": "matroska"}
+_MUXER = {"mp4": "mp4", "webm": "webm", "mkv": "matroska"}  # the field original bytes are kept in
 
 
 def _without_audio(data: bytes, container: str, field: str) -> bytes:
@@ -300,7 +297,8 @@ def _mp4(
 ) -> tuple[str, list[tuple[dict[str, bytes], dict]]]:
     """A video container (mp4 / mov / m4v / webm / mkv, by `suffix`): kept in its own field (`mp4`,
     `webm` or `mkv`) once every frame and sample decodes, or re-encoded to H.264 (+ AAC) mp4."""
-    container, field = _CONTAINERS.get(suffix, ("mp4", "mp4"))
+    container = VIDEO_CONTAINERS.get(suffix, "mp4")
+    field = "mp4" if container == "mp4" else suffix  # mov / m4v are read by the mp4 demuxer
     info = probe(data, limits, container)
     if not info.has_video:
         raise ValueError(f"{suffix} has no video stream")

@@ -26,7 +26,6 @@ unusable is a Skip at `<shard>:<key>`; a shard that cannot be opened or read to 
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import shutil
@@ -36,18 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
-from webdataset.shardlists import expand_urls
 
 from selfflow.data.decode import DecodeLimits
-from selfflow.data.fields import caption_of
+from selfflow.data.fields import AUDIO_CONTAINERS, IMAGE_FIELDS, VIDEO_CONTAINERS, caption_of
 from selfflow.data.inputs import Entry, Skip, check_caption, kind_of, to_key
+from selfflow.data.loader import expand_source
 from selfflow.data.shards import is_url, iter_tar_samples, shard_error
 
-# media fields in order of preference -> Entry kind (`packing.prepare` decides the task from the bytes)
+# media fields in the reader's order of preference (`fields.infer_task`) -> Entry kind
 MEDIA_FIELDS = {
-    **dict.fromkeys(("mp4", "mov", "m4v", "webm", "mkv"), "mp4"),  # "mp4": any video container
-    **dict.fromkeys(("jpg", "jpeg", "png", "webp"), "image"),
-    **dict.fromkeys(("flac", "wav", "mp3", "ogg", "opus", "m4a"), "audio"),
+    **dict.fromkeys(VIDEO_CONTAINERS, "mp4"),  # "mp4": any video container
+    **dict.fromkeys(IMAGE_FIELDS, "image"),
+    **dict.fromkeys(AUDIO_CONTAINERS, "audio"),
 }
 _GLOB = "*?["
 MAX_KEY = 200  # staged as `<key>.<field>`, and clips add `_c000`: within any file system's name limit
@@ -74,7 +73,7 @@ def tar_sources(text: str) -> list[str] | None:
     folder with both shards and media (which of them is meant is not clear)."""
     path = Path(text)
     if is_url(text):
-        return expand_urls(text)
+        return expand_source(text)
     if path.is_dir():
         names = sorted(p for p in path.iterdir() if not p.name.startswith("."))
         tars = [str(p) for p in names if p.suffix == ".tar" and p.is_file()]
@@ -86,13 +85,10 @@ def tar_sources(text: str) -> list[str] | None:
         return tars or None
     if path.exists() or not any(c in text for c in _GLOB + "{"):
         return [text] if path.is_file() and path.suffix == ".tar" else None
-    parts = expand_urls(text) if "{" in text else [text]
-    sources = [
-        s for part in parts for s in (sorted(glob.glob(part)) if any(c in part for c in _GLOB) else [part])
-    ]
-    if not sources:
-        raise ValueError(f"no shards match {text}")
-    return sources
+    try:
+        return expand_source(text)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from err
 
 
 def check_sources(sources: list[str], output: Path) -> None:
