@@ -34,7 +34,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,7 +250,9 @@ class WorkerPipeline:
             timeout=self.timeout,
             collate_fn=_as_is,
         )
-        return iter(loader)
+        loader_iter = iter(loader)  # torch installs its SIGCHLD handler here
+        _CHILD_WATCH.install()
+        return loader_iter
 
     def __iter__(self) -> WorkerPipeline:
         return self
@@ -257,7 +261,8 @@ class WorkerPipeline:
         if self._loader is None:
             self._loader = self._start()
         try:
-            batch, state = next(self._loader)
+            with _CHILD_WATCH:
+                batch, state = next(self._loader)
         except DataError as err:  # raised in a worker: the DataLoader adds the worker's traceback
             raise DataError(_last_line(err)) from err
         except RuntimeError as err:  # a worker died (killed, crashed) or sent nothing for `timeout` s
@@ -285,6 +290,42 @@ class WorkerPipeline:
                 check_fingerprints(worker_state.get("shards"), self.fingerprints, allow)
         self.count, self.states, self._loader = int(state["count"]), list(state["states"]), None
 
+
+class _ChildWatch:
+    """torch's DataLoader reports a dead worker from a SIGCHLD handler, which raises its RuntimeError
+    wherever the main thread happens to be (in the middle of a forward pass, in a checkpoint write).
+    This wraps that handler: the check runs at once inside `with _CHILD_WATCH:` (around next()) and is
+    put off to the next entry elsewhere, so a dead worker always surfaces from next() as a DataError."""
+
+    def __init__(self) -> None:
+        self.inside, self.pending = 0, False
+        self.torch_handler: Any = None
+
+    def install(self) -> None:
+        if self.torch_handler is not None or threading.current_thread() is not threading.main_thread():
+            return
+        handler = signal.getsignal(signal.SIGCHLD)
+        if callable(handler):
+            self.torch_handler = handler
+            signal.signal(signal.SIGCHLD, self._on_child)
+
+    def _on_child(self, signum: int, frame: Any) -> None:
+        if self.inside:
+            self.torch_handler(signum, frame)
+        else:
+            self.pending = True
+
+    def __enter__(self) -> None:
+        self.inside += 1
+        if self.pending:
+            self.pending = False
+            self.torch_handler(signal.SIGCHLD, None)
+
+    def __exit__(self, *exc: object) -> None:
+        self.inside -= 1
+
+
+_CHILD_WATCH = _ChildWatch()
 
 # what torch's DataLoader says when a worker dies or sends nothing for its timeout
 _LOADER_FAULTS = ("DataLoader worker", "DataLoader timed out")

@@ -224,7 +224,8 @@ def test_a_changed_shard_list_is_refused_at_resume(tmp_path):
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_a_dead_or_hung_loader_worker_ends_in_one_data_error(tmp_path, fault):
     """A worker killed (as the OOM killer does) or stuck in a decoder that never returns (the worker
-    processes are forked, so the patched decoder is theirs) ends the run with one DataError."""
+    processes are forked, so the patched decoder is theirs) ends the run with one DataError, raised by
+    next() even when the worker died while the main process was doing something else."""
     _image_shards(tmp_path / "shards", shards=2)
     script = textwrap.dedent(f"""
         import multiprocessing, os, signal, time
@@ -245,6 +246,7 @@ def test_a_dead_or_hung_loader_worker_ends_in_one_data_error(tmp_path, fault):
                 if i == 0 and "{fault}" == "killed":
                     time.sleep(1)
                     os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+                    time.sleep(1)  # the death is noticed here, outside next(): a training step
             print("no error")
         except DataError as err:
             print("DataError:", err)
