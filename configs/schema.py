@@ -128,6 +128,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # global grad-norm; <= 0 disables
     ema_decay: float = 0.9999  # the evaluation model and, by default, the Self-Flow / SRA teacher
     teacher_decay: float = -1.0  # < 0: the teacher is the evaluation EMA; else a second, faster EMA
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step (gradients synced on the last)
+    compile: bool = False  # torch.compile each transformer block of the student (inductor)
     ema_warmup: bool = False  # EMA decay min(decay, (1 + n) / (10 + n)) at update n (off: the paper's)
     init_from: str = ""  # a run, checkpoint or snapshot: start from its weights and EMA, fresh optimizer
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
@@ -153,11 +155,13 @@ class TrainConfig:
                 self.ckpt_every,
                 self.t_bins,
                 self.max_nonfinite,
+                self.grad_accum,
             )
             < 1
         ):
             raise ConfigError(
-                "train.max_steps, batch_size, log_every, ckpt_every, t_bins and max_nonfinite must be >= 1"
+                "train.max_steps, batch_size, log_every, ckpt_every, t_bins, max_nonfinite and grad_accum "
+                "must be >= 1"
             )
         if self.lr <= 0 or not 0.0 <= self.ema_decay < 1.0 or self.teacher_decay >= 1.0:
             raise ConfigError("train.lr must be > 0 and EMA decays in [0, 1)")
@@ -234,7 +238,7 @@ class RunConfig:
     dir: str = "runs/default"  # everything a run writes: metrics.jsonl, tb/, samples/, checkpoints/, .lock
 
 
-DIST_ENGINES = ("ddp", "deepspeed")
+DIST_ENGINES = ("ddp", "fsdp", "deepspeed")
 
 
 @dataclass
@@ -242,7 +246,9 @@ class DistConfig:
     """Multi-process training (training/distributed.py). Launch with torchrun (engine ddp) or the deepspeed
     launcher (engine deepspeed); plain `python` is one process. train.batch_size is per process."""
 
-    engine: str = "ddp"  # ddp: gradient all-reduce under torchrun | deepspeed: ZeRO stage `zero_stage`
+    # ddp: DistributedDataParallel under torchrun | fsdp: FSDP2 (parameters, optimizer and EMA sharded)
+    # | deepspeed: ZeRO stage `zero_stage`
+    engine: str = "ddp"
     zero_stage: int = 2  # deepspeed only: 0 (replicated), 2 (optimizer + gradients sharded), 3 (+ parameters)
     deepspeed_config: str = ""  # optional JSON file whose keys override the generated DeepSpeed config
     backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo

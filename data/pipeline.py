@@ -192,6 +192,28 @@ class DataPipeline:
             self.streams[t].load_state_dict(s)
 
 
+def next_epoch_state(saved: list[dict[str, Any]]) -> dict[str, Any]:
+    """A data position for a job with another number of processes than the one that saved `saved` (one
+    state per old rank, of a DataPipeline or a WorkerPipeline): the shard split changes with the count,
+    so no old position carries over; every task starts the epoch after the newest one any old rank was
+    in, and the batch counters (hence the task sequence) continue."""
+    if "workers" in saved[0]:
+        workers = int(saved[0]["workers"])
+        per_worker = [[s["states"][w] for s in saved if s["states"][w] is not None] for w in range(workers)]
+        states = [_next_epoch(ws) if ws else None for ws in per_worker]
+        return {**saved[0], "states": states}
+    return _next_epoch(saved)
+
+
+def _next_epoch(saved: list[dict[str, Any]]) -> dict[str, Any]:
+    streams = {}
+    for task in saved[0]["streams"]:
+        old = [s["streams"][task] for s in saved]
+        epoch = max(int(o["epoch"]) for o in old) + 1
+        streams[task] = {"epoch": epoch, "position": 0, "skipped_count": sum(o["skipped_count"] for o in old)}
+    return {**saved[0], "streams": streams}
+
+
 class _WorkerStream(torch.utils.data.IterableDataset):
     """Inside DataLoader worker i: the DataPipeline of logical worker (first + i) % workers, yielding
     (batch, its state after the batch). Media travel as numpy arrays, pickled through the worker's pipe:

@@ -128,7 +128,7 @@ class MMDiT(nn.Module):
             if levels.shape[1] != 1:
                 raise ValueError("per-token levels need an explicit txt_t for the text stream")
             txt_t = levels[:, 0]
-        c = cond if cond is not None else self.condition(media_ids, txt, txt_mask, drop_txt)
+        c = cond if cond is not None else self._condition(media_ids, txt, txt_mask, drop_txt)
         vec = self.time_in(torch.cat([txt_t[:, None], levels], dim=1))  # [B, 1 + K, D]
         img, hidden = self._run_blocks(img, c.txt, vec, index, c.pe, c.mask, return_hidden, stop_after)
         if stop_after is not None:
@@ -146,6 +146,11 @@ class MMDiT(nn.Module):
         drop_txt: Tensor | None = None,  # [B] bool
     ) -> Condition:
         """The caption embedding, its mask and the rotary tables: the step-independent part of forward."""
+        return self._condition(media_ids, txt, txt_mask, drop_txt)
+
+    def _condition(
+        self, media_ids: Tensor, txt: Tensor | None, txt_mask: Tensor | None, drop_txt: Tensor | None
+    ) -> Condition:  # forward's own call: a sharded (FSDP2) model hooks `condition`, not this
         if txt is None:
             raise ValueError("give txt, or a precomputed cond")
         txt_h, mask = self._embed_text(txt, txt_mask, drop_txt)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -158,3 +159,17 @@ def hold_run_lock():
         proc.kill()
         proc.wait(timeout=60)
         proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """4 image shards of 6 random 32x32 PNGs with distinct captions (for the multi-process tests: every
+    rank needs its own shards)."""
+    root = tmp_path_factory.mktemp("dist_shards")
+    rng = np.random.default_rng(0)
+    with ShardWriter(root, "image", max_samples=6) as w:
+        for i in range(24):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+            w.write({"__key__": f"img_{i:03d}", "png": buf.getvalue(), "txt": f"pattern number {i}"})
+    return root

@@ -5,7 +5,6 @@ worker script they launch (`torchrun ... tests/test_distributed.py <mode> <out> 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -16,13 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from selfflow.configs import ConfigError, load_config
-from selfflow.data.shards import ShardWriter
 from selfflow.training import checkpoint as ckpt_io
 from selfflow.training.distributed import Dist, deepspeed_config
 from selfflow.training.tracking import read_metrics
@@ -33,7 +29,8 @@ SMALL = ("model.hidden_size=32", "model.num_heads=2", "model.axes_dim=[4,4,4,4]"
          "model.depth_single=1", "text.max_len=8", "train.batch_size=2", "train.log_every=1",
          "train.warmup_steps=0", "train.ema_decay=0.5", "sample.num=1", "sample.steps=1",
          "data.shuffle_buffer=4")  # fmt: skip
-ENGINES = {"ddp": ("dist.engine=ddp",), "zero2": ("dist.engine=deepspeed", "dist.zero_stage=2"),
+ENGINES = {"ddp": ("dist.engine=ddp",), "fsdp": ("dist.engine=fsdp",),
+           "zero2": ("dist.engine=deepspeed", "dist.zero_stage=2"),
            "zero3": ("dist.engine=deepspeed", "dist.zero_stage=3")}  # fmt: skip
 
 
@@ -41,21 +38,8 @@ def small_cfg(shards: Path | str, run_dir: Path | str, *extra: str):
     return load_config("tiny", [f"data.shards={shards}", f"run.dir={run_dir}", *SMALL, *extra])
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """4 image shards of 6 random 32x32 PNGs with distinct captions (every rank needs its own shards)."""
-    root = tmp_path_factory.mktemp("dist_shards")
-    rng = np.random.default_rng(0)
-    with ShardWriter(root, "image", max_samples=6) as w:
-        for i in range(24):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
-            w.write({"__key__": f"img_{i:03d}", "png": buf.getvalue(), "txt": f"pattern number {i}"})
-    return root
-
-
 def needs(engine: str) -> None:
-    if engine != "ddp":
+    if engine.startswith("zero"):
         pytest.importorskip("deepspeed", reason="dist.engine=deepspeed needs `pip install '.[deepspeed]'`")
 
 
@@ -96,6 +80,8 @@ def test_deepspeed_config_comes_from_the_training_config(shards, tmp_path):
     cfg = small_cfg(shards, tmp_path, "dist.engine=deepspeed", "dist.zero_stage=3", "train.grad_clip=0.5")
     ds = deepspeed_config(cfg, world=4)
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["train_batch_size"] == 8
+    accum = deepspeed_config(small_cfg(shards, tmp_path, "train.grad_accum=3"), world=4)
+    assert accum["gradient_accumulation_steps"] == 3 and accum["train_batch_size"] == 24
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 3
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and "optimizer" not in ds
     user = tmp_path / "ds.json"
@@ -115,7 +101,8 @@ def test_deepspeed_config_comes_from_the_training_config(shards, tmp_path):
                 small_cfg(shards, tmp_path, *ENGINES["zero3"], f"dist.deepspeed_config={user}"), 2
             )
     for override, needle in (("dist.zero_stage=1", "zero_stage"), ("dist.engin=ddp", "dist.engin"),
-                             ("dist.engine=fsdp", "dist.engine")):  # fmt: skip
+                             ("dist.engine=fsdp1", "dist.engine"),
+                             ("train.grad_accum=0", "grad_accum")):  # fmt: skip
         with pytest.raises(ConfigError, match=needle):
             small_cfg(shards, tmp_path, override)
 
@@ -140,7 +127,7 @@ def _main_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3"])
 def test_two_ranks_train_and_resume_exactly(shards, tmp_path, engine):
     """4 steps straight == 2 steps, then a resume from that checkpoint to 4: same per-step losses, same
     weights and EMA (bitwise), with each rank's RNG, optimizer shard and data position restored. The
@@ -194,14 +181,15 @@ def _single_reference(shards: Path, tmp_path: Path, steps: int) -> dict[str, tor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero3"])
 def test_two_ranks_give_the_single_process_gradients_and_ema(shards, tmp_path, engine):
-    """2 ranks (DistributedDataParallel, or ZeRO-3), each with the same 2 samples and noise draws (a
+    """2 ranks (DistributedDataParallel, FSDP2 or ZeRO-3), each with the same 2 samples and noise draws (a
     global batch of two copies), average to exactly the single-process gradient of those 2 samples;
-    after 3 steps the EMA (under ZeRO-3 updated from gathered parameters) equals the single-process EMA."""
+    after 3 steps the EMA (sharded under FSDP2, updated module by module from gathered parameters under
+    ZeRO-3) equals the single-process EMA."""
     needs(engine)
     launch(__file__, "ema", str(tmp_path), str(shards), *ENGINES[engine])
-    wrapper = "DistributedDataParallel" if engine == "ddp" else "DeepSpeedEngine"
+    wrapper = {"ddp": "DistributedDataParallel", "fsdp": "FSDPMMDiT", "zero3": "DeepSpeedEngine"}[engine]
     assert {(tmp_path / f"wrapper_rank{r}.txt").read_text() for r in (0, 1)} == {wrapper}
     sharded, other = (ckpt_io.load_weights(tmp_path, f"ema_rank{r}") for r in (0, 1))
     assert sharded.keys() == other.keys() and all(torch.equal(sharded[k], other[k]) for k in other)
@@ -212,7 +200,7 @@ def test_two_ranks_give_the_single_process_gradients_and_ema(shards, tmp_path, e
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero3"])
 def test_a_nan_on_one_rank_is_skipped_by_every_rank(shards, tmp_path, engine):
     needs(engine)
     launch(__file__, "nan", str(tmp_path), str(shards), *ENGINES[engine])
@@ -298,9 +286,16 @@ def test_a_collective_waits_at_most_dist_timeout_s(shards, tmp_path, engine):
 
 def _snapshot(tr) -> dict[str, torch.Tensor]:
     from selfflow.training.distributed import full_parameters
+    from selfflow.training.fsdp import full_tensor
 
     with full_parameters(tr.engine, tr.models.student):
-        return {k: v.to("cpu", copy=True) for k, v in tr.models.student.state_dict().items()}
+        return {k: full_tensor(v).to("cpu", copy=True) for k, v in tr.models.student.state_dict().items()}
+
+
+def _full_ema(tr) -> dict[str, torch.Tensor]:
+    from selfflow.training.fsdp import full_tensor
+
+    return {k: full_tensor(v).to("cpu", copy=True) for k, v in tr.ema.weights().items()}
 
 
 def _worker_ema(tr, out: Path) -> None:
@@ -311,10 +306,8 @@ def _worker_ema(tr, out: Path) -> None:
     tr.generator.manual_seed(tr.cfg.seed + 1)  # the same noise on both ranks: the global batch is 2 copies
     for step in range(3):
         train_step(tr, _synthetic(tr, step, 2))
-    save_file(
-        {k: v.contiguous() for k, v in tr.ema.weights().items()}, out / f"ema_rank{tr.dist.rank}.safetensors"
-    )
-    wrapper = tr.ddp if tr.ddp is not None else tr.engine
+    save_file(_full_ema(tr), out / f"ema_rank{tr.dist.rank}.safetensors")
+    wrapper = next(w for w in (tr.ddp, tr.engine, tr.models.student) if w is not None)
     (out / f"wrapper_rank{tr.dist.rank}.txt").write_text(type(wrapper).__name__)
 
 
@@ -323,14 +316,13 @@ def _worker_nan(tr, out: Path) -> None:
     from selfflow.training.loop import _stop_signal, train_step
 
     train_step(tr, _synthetic(tr, 0, 2))
-    before, ema_before = _snapshot(tr), {k: v.clone() for k, v in tr.ema.weights().items()}
+    before, ema_before = _snapshot(tr), _full_ema(tr)
     bad = train_step(tr, _synthetic(tr, 1, 2, poison=tr.dist.rank == 1))
     result = {"rank": tr.dist.rank, "poisoned_loss_finite": bool(torch.isfinite(bad.loss).all())}
     after = _snapshot(tr)
     result["unchanged_after_nan"] = all(torch.equal(before[k], after[k]) for k in before)
-    result["ema_unchanged_after_nan"] = all(
-        torch.equal(v, tr.ema.weights()[k]) for k, v in ema_before.items()
-    )
+    ema_after = _full_ema(tr)
+    result["ema_unchanged_after_nan"] = all(torch.equal(v, ema_after[k]) for k, v in ema_before.items())
     result["counters"] = [tr.nonfinite, tr.nonfinite_streak]
     train_step(tr, _synthetic(tr, 2, 2))
     result["changed_after_recovery"] = any(not torch.equal(before[k], v) for k, v in _snapshot(tr).items())

@@ -12,7 +12,9 @@
         config.yaml             the resolved config
         rank_00001.pt / .json   with several processes: each rank's RNG states (and its optimizer shard
                                 under ZeRO) / data position and counters
-        manifest.json           every other file with its size in bytes (written last)
+        dcp/                    dist.engine=fsdp: every rank's shards of the student, head, EMA(s) and
+                                optimizer (torch.distributed.checkpoint; reloads into any process count)
+        manifest.json           every other file (dcp/ included) with its size in bytes (written last)
 
 Publishing. A checkpoint is written into a hidden temporary directory, every file is fsynced, then
 `manifest.json` (fsynced), then the directory itself; it is renamed to its final name and the parent is
@@ -102,7 +104,8 @@ def _sync_files(paths: list[Path]) -> None:
 def write_manifest(folder: Path) -> Path:
     """`manifest.json` listing every other file of `folder` with its size, fsynced. The files must be
     fsynced already: the manifest vouches for what is on the disk."""
-    files = {p.name: {"size": p.stat().st_size} for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size} for p in found}
     path = folder / MANIFEST
     with path.open("w") as f:
         f.write(json.dumps({"format": 1, "files": files}, indent=2) + "\n")
@@ -113,6 +116,9 @@ def write_manifest(folder: Path) -> Path:
 
 def _publish(tmp: Path, final: Path) -> None:
     """Manifest, permissions, fsync of the folder, rename into place, fsync of the parent."""
+    for sub in [p for p in tmp.rglob("*") if p.is_dir()]:  # dcp/ (FSDP2): its entries, then itself
+        usual_permissions(sub)
+        fsync_dir(sub)
     write_manifest(tmp)
     usual_permissions(tmp)
     fsync_dir(tmp)
@@ -161,11 +167,13 @@ def save_checkpoint_ranks(
     main: tuple[dict[str, dict[str, Tensor]], dict[str, Any], dict[str, Any], Config] | None,
     mine: tuple[dict[str, Any], dict[str, Any]],
     keep_last: int = 0,
+    shared: Callable[[Path], None] | None = None,
 ) -> Path:
     """Every rank calls this with its own `mine` = (tensors, JSON-able state); rank 0 also passes `main` =
     (weights, trainer, state, cfg) as for `save_checkpoint`. All ranks write into one agreed temporary
     directory, each fsyncing its own files; after a barrier rank 0 writes the manifest over every rank's
-    files, renames the directory into place and then writes `latest`."""
+    files, renames the directory into place and then writes `latest`. `shared(tmp)`, when given, is a
+    collective write every rank joins (FSDP2's sharded state, which fsyncs its own files)."""
     root = Path(root)
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{final.name}"
@@ -173,6 +181,8 @@ def save_checkpoint_ranks(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash of an earlier attempt at this step
         tmp.mkdir(parents=True)
     barrier()
+    if shared is not None:
+        shared(tmp)
     tensors_path, json_path = rank_files(tmp, rank)
     torch.save(mine[0], tensors_path)
     json_path.write_text(json.dumps(mine[1], indent=2))

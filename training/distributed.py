@@ -3,17 +3,19 @@ and the DeepSpeed engine. `training/loop.py` calls in here only when more than o
 `dist.engine=deepspeed`), so a plain `python training/main.py` run takes none of these paths.
 
     torchrun --nproc_per_node 8 training/main.py --config ...                      # dist.engine=ddp
+    torchrun --nproc_per_node 8 training/main.py --config ... dist.engine=fsdp
     deepspeed --num_gpus 8 training/main.py --config ... dist.engine=deepspeed dist.zero_stage=3
 
 Engines. `ddp`: every rank keeps the full model and optimizer, and torch's DistributedDataParallel over
 the student and projector head averages the gradients while backward runs (`make_ddp`), so every rank
-applies the same update. `deepspeed`: the
-student and head run inside a DeepSpeed engine with ZeRO stage 0, 2 or 3 over the same torch AdamW;
-its JSON config is generated from `train.*` (`deepspeed_config`).
+applies the same update. `fsdp`: torch's FSDP2 shards the student, head, optimizer and EMA copies
+(training/fsdp.py). `deepspeed`: the student and head run inside a DeepSpeed engine with ZeRO stage 0,
+2 or 3 over the same torch AdamW; its JSON config is generated from `train.*` (`deepspeed_config`).
 
-EMA. The EMA copies (the Self-Flow teacher) stay full, unsharded replicas on every rank: the teacher
-forward needs no collective. After each applied optimizer step the EMA reads the student's full
-parameters; under ZeRO-3 they are gathered for the update (`full_parameters`).
+EMA. Under ddp and DeepSpeed the EMA copies (the Self-Flow teacher) are full replicas on every rank: the
+teacher forward needs no collective. After each applied optimizer step the EMA reads the student's
+parameters; under ZeRO-3 they are gathered one module at a time (`zero3_gather`). Under fsdp the copies
+are sharded like the student.
 
 Agreement. Whether a step is skipped (NaN / Inf loss or gradient on any rank) and whether the run stops
 (a preemption signal on any rank) are all-reduced with MAX, so all ranks skip, save and stop together.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -61,6 +63,10 @@ class Dist:
     def deepspeed(self) -> bool:
         return self.engine == "deepspeed"
 
+    @property
+    def fsdp(self) -> bool:
+        return self.engine == "fsdp"
+
 
 SINGLE = Dist()
 
@@ -73,13 +79,14 @@ def _backend(cfg: Config, device: torch.device) -> str:
 
 def init_dist(cfg: Config, device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group the launcher describes (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR).
-    Without a launcher and with engine ddp: the single process, nothing initialised. A CUDA device
+    Without a launcher and with engine ddp: the single process, nothing initialised (with fsdp or
+    deepspeed: a group of one, so that their checkpoints and collectives work the same). A CUDA device
     becomes cuda:LOCAL_RANK. A collective that waits longer than `dist.timeout_s` for another rank
     fails (torch's default would be 10 or 30 minutes depending on the backend and engine)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and cfg.dist.engine == "ddp":
         return SINGLE, device
-    if world == 1:  # deepspeed in a plain `python` process: a group of one
+    if world == 1:  # deepspeed / fsdp in a plain `python` process: a group of one
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -149,8 +156,8 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
     t = cfg.train
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": t.batch_size * world,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world,
         "gradient_clipping": t.grad_clip if t.grad_clip > 0 else 0.0,
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
@@ -202,6 +209,16 @@ def make_engine(cfg: Config, dist: Dist, student: nn.Module, head: nn.Module | N
 
 def zero3(engine: Any) -> bool:
     return engine is not None and engine.zero_optimization_stage() == 3
+
+
+def zero3_gather(engine: Any) -> Callable[[list[Tensor]], Any] | None:
+    """Under ZeRO-3: a context factory that makes the given parameters whole (read-only) for the EMA
+    update, module by module (`EMA.update(model, gather)`); otherwise None (parameters are whole)."""
+    if not zero3(engine):
+        return None
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(params)
 
 
 @contextlib.contextmanager

@@ -5,8 +5,8 @@ the self-distillation teacher (a no-grad forward every step) and as the model th
 runs may give the teacher its own, faster decay; `make_emas` then returns two copies, else one object
 plays both roles.
 
-Nothing here assumes sharding: under ZeRO-3 the caller gathers the full parameters (e.g. with
-`deepspeed.zero.GatheredParameters`) before calling `EMA.update`.
+Sharding: under FSDP2 the copy is sharded like the model and each rank averages its own shards; under
+ZeRO-3 `update(model, gather)` makes one module at a time whole (`deepspeed.zero.GatheredParameters`).
 
 Warm-up (`warmup=True`, `train.ema_warmup`): the n-th update uses min(decay, (1 + n) / (10 + n)), so
 the copy follows the model early on instead of holding decay^n of its initial weights.
@@ -18,12 +18,17 @@ then restore with `load_state_dict({**meta, "model": weights})`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+# a context in which the given parameters are whole (ZeRO-3's GatheredParameters)
+Gather = Callable[[list[Tensor]], contextlib.AbstractContextManager]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -63,37 +68,33 @@ class EMA:
         for p in self.model.parameters():
             p.requires_grad_(False)
             p.grad = None
-        named = dict(self.model.named_parameters())
-        self._names = list(named)
-        self._params = list(named.values())
-        buffers = dict(self.model.named_buffers())
-        self._buffer_names = list(buffers)
-        self._buffers = list(buffers.values())
+        # names only: FSDP2 replaces the parameter objects when the copy is sharded
+        self._names = [name for name, _ in self.model.named_parameters()]
+        self._buffer_names = [name for name, _ in self.model.named_buffers()]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Forward through the EMA model (callers wrap it in `torch.no_grad()` as needed)."""
         return self.model(*args, **kwargs)
 
-    def _source(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-        """The parameters and buffers of `model`, in the EMA's order, after checking names and shapes."""
-        src = unwrap(model)
-        params, buffers = dict(src.named_parameters()), dict(src.named_buffers())
-        for kind, names, mine, theirs in (
-            ("parameters", self._names, self._params, params),
-            ("buffers", self._buffer_names, self._buffers, buffers),
+    def _check_names(self, src: nn.Module) -> None:
+        for kind, names, theirs in (
+            ("parameters", self._names, [n for n, _ in src.named_parameters()]),
+            ("buffers", self._buffer_names, [n for n, _ in src.named_buffers()]),
         ):
-            if list(theirs) != names:
+            if theirs != names:
                 missing = sorted(set(names) - set(theirs))[:5]
                 extra = sorted(set(theirs) - set(names))[:5]
                 raise ValueError(
                     f"EMA update: model {kind} do not match the EMA copy (missing {missing}, unexpected "
                     f"{extra}, {len(theirs)} vs {len(names)} names)"
                 )
-            for name, a, b in zip(names, mine, theirs.values(), strict=True):
-                if a.shape != b.shape:
-                    shapes = f"{tuple(b.shape)}, EMA has {tuple(a.shape)}"
-                    raise ValueError(f"EMA update: {kind[:-1]} {name} has shape {shapes}")
-        return list(params.values()), list(buffers.values())
+
+    @staticmethod
+    def _check_shapes(kind: str, pairs: list[tuple[str, Tensor, Tensor]]) -> None:
+        for name, mine, theirs in pairs:
+            if mine.shape != theirs.shape:
+                shapes = f"{tuple(theirs.shape)}, EMA has {tuple(mine.shape)}"
+                raise ValueError(f"EMA update: {kind} {name} has shape {shapes}")
 
     def current_decay(self) -> float:
         """The decay of the next update: `decay`, or with warm-up min(decay, (1 + n) / (10 + n)) after n
@@ -103,14 +104,31 @@ class EMA:
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the EMA towards `model` (bare or wrapped) by one step; call after each optimizer step."""
-        params, buffers = self._source(model)
-        if self._params:
-            pairs = zip(params, self._params, strict=True)
-            src = [p.detach().to(device=e.device, dtype=e.dtype) for p, e in pairs]
-            torch._foreach_lerp_(self._params, src, 1.0 - self.current_decay())
-        for e, b in zip(self._buffers, buffers, strict=True):
+    def update(self, model: nn.Module, gather: Gather | None = None) -> None:
+        """Move the EMA towards `model` (bare or wrapped) by one step; call after each optimizer step.
+
+        Sharded parameters (FSDP2 DTensors, sharded like the copy) are averaged shard by shard on each
+        rank, without a gather. `gather` (ZeRO-3: a context that makes the given parameters whole) runs
+        the update one module at a time (each block, then the rest), so that at most one block is whole."""
+        src = unwrap(model)
+        self._check_names(src)
+        mine = dict(self.model.named_parameters())
+        weight = 1.0 - self.current_decay()
+        for part in _parts(src) if gather is not None else [list(src.named_parameters())]:
+            with gather([p for _, p in part]) if gather is not None else contextlib.nullcontext():
+                pairs = [(name, mine[name], p) for name, p in part]
+                self._check_shapes("parameter", pairs)
+                if pairs:
+                    dst = [_local(e) for _, e, _ in pairs]
+                    got = [
+                        _local(p.detach()).to(device=d.device, dtype=d.dtype)
+                        for (_, _, p), d in zip(pairs, dst, strict=True)
+                    ]
+                    torch._foreach_lerp_(dst, got, weight)
+        buffers = dict(self.model.named_buffers())
+        pairs = [(name, buffers[name], b) for name, b in src.named_buffers()]
+        self._check_shapes("buffer", pairs)
+        for _, e, b in pairs:
             e.copy_(b)
         self.num_updates += 1
 
@@ -129,9 +147,34 @@ class EMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore weights (strictly, by name), decay and num_updates from `state_dict()`."""
         self.model.load_state_dict(state["model"], strict=True)
+        self.load_meta(state)
+
+    def load_meta(self, state: dict[str, Any]) -> None:
+        """Restore decay, warm-up and num_updates (the weights are loaded elsewhere: FSDP2 shards)."""
         self.decay = _check_decay(state["decay"])
         self.warmup = bool(state.get("warmup", False))  # checkpoints from before warm-up existed: off
         self.num_updates = int(state["num_updates"])
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view: in-place changes reach the DTensor); a tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _parts(module: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+    """The module's named parameters in groups: each element of a ModuleList child (a block), each
+    other child, then the module's own parameters."""
+    parts = []
+    for child_name, child in module.named_children():
+        units = (
+            [(f"{child_name}.{i}", b) for i, b in enumerate(child)]
+            if isinstance(child, nn.ModuleList)
+            else [(child_name, child)]
+        )
+        for prefix, unit in units:
+            parts.append([(f"{prefix}.{n}", p) for n, p in unit.named_parameters()])
+    parts.append(list(module.named_parameters(recurse=False)))
+    return [part for part in parts if part]
 
 
 def make_emas(
@@ -148,10 +191,10 @@ def make_emas(
     return eval_ema, EMA(model, teacher_decay, dtype, warmup)
 
 
-def update_all(emas: Iterable[EMA], model: nn.Module) -> None:
+def update_all(emas: Iterable[EMA], model: nn.Module, gather: Gather | None = None) -> None:
     """Update each distinct EMA once (a shared teacher/eval EMA is stepped a single time)."""
     seen: set[int] = set()
     for ema in emas:
         if id(ema) not in seen:
             seen.add(id(ema))
-            ema.update(model)
+            ema.update(model, gather)

@@ -12,6 +12,7 @@ fp32. Counters are device tensors until a log interval (`training/tracking.py`).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from selfflow.configs.schema import Config, ConfigError, TrainConfig, save_config
 from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, MediaBatch, WorkerPipeline
-from selfflow.inference.pipeline import Generator, autocast, image_grid, pick_device, save_image
+from selfflow.inference.pipeline import Generator, image_grid, pick_device, save_image
 from selfflow.inference.samplers import SamplingStopped
 from selfflow.models.factory import (
     TextConditioner,
@@ -35,13 +36,14 @@ from selfflow.models.factory import (
 )
 from selfflow.tokenizers.media import MediaTokenizer
 from selfflow.training import distributed as dist_io
-from selfflow.training.distributed import SINGLE, Dist, any_rank, full_parameters
-from selfflow.training.ema import EMA, make_emas, update_all
+from selfflow.training.distributed import SINGLE, Dist, any_rank
+from selfflow.training.ema import EMA, make_emas
 from selfflow.training.finetune import init_from
 from selfflow.training.guards import NonFiniteError, Preemption
-from selfflow.training.objectives import OBJECTIVES, Batch, Models, ObjectiveOutput, make_head
+from selfflow.training.objectives import Batch, Models, ObjectiveOutput, make_head
 from selfflow.training.runlock import hold_run_dir
 from selfflow.training.saving import ResumePlan, restore, resume_plan, save
+from selfflow.training.step import train_step
 from selfflow.training.tracking import MetricMeter, RunLogger
 
 TEACHER_OBJECTIVES = ("self_flow", "sra")
@@ -97,7 +99,8 @@ def lr_factor(t: TrainConfig, step: int) -> float:
 
 def build_trainer(cfg: Config, device: str | torch.device | None = None, dist: Dist = SINGLE) -> Trainer:
     """Model (seeded by cfg.seed, the same on every rank), projector head, EMA(s), AdamW + warm-up, the
-    objective's RNG (seeded per rank) and tokenizers; under dist.engine=deepspeed, the engine."""
+    objective's RNG (seeded per rank) and tokenizers; the engine's wrapping (DDP, FSDP2 sharding of the
+    student, head and EMAs, or DeepSpeed); `train.compile` compiles each block of the student."""
     device = pick_device(cfg.train.device) if device is None else torch.device(device)
     torch.manual_seed(cfg.seed)
     media = build_media_tokenizer(cfg, device)
@@ -110,6 +113,13 @@ def build_trainer(cfg: Config, device: str | torch.device | None = None, dist: D
     ema, teacher_ema = make_emas(
         student, cfg.train.ema_decay, teacher_decay, dtype=torch.float32, warmup=cfg.train.ema_warmup
     )
+    if cfg.train.compile:  # the blocks' forward only: names, hooks (FSDP2) and the EMA copy stay as they are
+        for block in [*student.double_blocks, *student.single_blocks]:
+            block.forward = torch.compile(block.forward)
+    if dist.fsdp:  # before the optimizer, which must hold the sharded parameters
+        from selfflow.training.fsdp import shard_run
+
+        shard_run(student, head, [ema, teacher_ema], device, cfg.train.precision)
     teacher = teacher_ema.model if name in TEACHER_OBJECTIVES else None
     params = list(student.parameters()) + (list(head.parameters()) if head is not None else [])
     t = cfg.train
@@ -117,7 +127,7 @@ def build_trainer(cfg: Config, device: str | torch.device | None = None, dist: D
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, t))
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1_000_003 * dist.rank)
     engine = dist_io.make_engine(cfg, dist, student, head, optimizer) if dist.deepspeed else None
-    ddp = dist_io.make_ddp(student, head, device) if dist.multi and not dist.deepspeed else None
+    ddp = dist_io.make_ddp(student, head, device) if dist.multi and dist.engine == "ddp" else None
     return Trainer(
         cfg=cfg,
         device=device,
@@ -140,62 +150,6 @@ def make_batch(tr: Trainer, media: dict[str, Tensor], captions: list[str]) -> Ba
     tokens, ids = tr.media.encode({m: x.to(tr.device, non_blocking=True) for m, x in media.items()})
     txt, mask = tr.encode_text(captions)
     return Batch(tokens, ids.to(tr.device), txt, mask, task=TASK_OF[tuple(sorted(media))])
-
-
-def _local_update(tr: Trainer, out: ObjectiveOutput) -> bool:
-    """Backward (under DDP the gradients are averaged across ranks as it runs), clip; step unless any
-    rank saw a NaN / Inf."""
-    tr.optimizer.zero_grad(set_to_none=True)
-    out.loss.mean().backward()
-    params = [p for group in tr.optimizer.param_groups for p in group["params"]]
-    clip = tr.cfg.train.grad_clip if tr.cfg.train.grad_clip > 0 else math.inf
-    out.metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)
-    finite = torch.isfinite(out.loss).all() & torch.isfinite(out.metrics["grad_norm"])
-    if any_rank(tr.dist, ~finite, tr.device):
-        return False
-    tr.optimizer.step()
-    return True
-
-
-def _engine_update(tr: Trainer, out: ObjectiveOutput) -> bool:
-    """DeepSpeed: no backward at all when any rank's loss is NaN / Inf (all ranks skip together); else
-    the engine's backward, clip and step. A non-finite global grad norm there is an overflow the engine
-    itself does not apply; it is not applied to the EMA either."""
-    if any_rank(tr.dist, ~torch.isfinite(out.loss).all(), tr.device):
-        out.metrics["grad_norm"] = torch.full((), math.nan, device=tr.device)
-        return False
-    norm = dist_io.engine_backward_step(tr.engine, out.loss.mean()).to(tr.device)
-    out.metrics["grad_norm"] = norm
-    return bool(torch.isfinite(norm))
-
-
-def train_step(tr: Trainer, batch: Batch) -> ObjectiveOutput:
-    """One optimizer step of `cfg.objective` on `batch`, then the EMA update(s). Metrics gain
-    `grad_norm` (before clipping). A NaN / Inf loss or gradient (on any rank) skips the update, the
-    scheduler and the EMAs and counts in `tr.nonfinite` / `tr.nonfinite_streak`: the one host sync of a
-    step (with several processes, one all-reduce)."""
-    tr.models.student.train()
-    run = OBJECTIVES[tr.cfg.objective.name]
-    with autocast(tr.device, tr.cfg.train.precision):
-        wrapper = tr.engine if tr.engine is not None else tr.ddp
-        if wrapper is not None:  # through the engine / DDP, whose hooks gather ZeRO-3 parameters or
-            out = wrapper(run, tr.models, batch, tr.generator, tr.cfg.objective)  # reduce gradients
-        else:
-            out = run(tr.models, batch, tr.generator, tr.cfg.objective)
-    applied = _engine_update(tr, out) if tr.engine is not None else _local_update(tr, out)
-    if applied:
-        tr.scheduler.step()
-        with full_parameters(tr.engine, tr.models.student):
-            update_all((tr.ema, tr.teacher_ema), tr.models.student)
-        tr.nonfinite_streak = 0
-    else:
-        if tr.engine is None:
-            tr.optimizer.zero_grad(set_to_none=True)
-        tr.nonfinite, tr.nonfinite_streak = tr.nonfinite + 1, tr.nonfinite_streak + 1
-    tr.step += 1
-    tr.samples_seen += out.loss.shape[0]
-    tr.task_samples[batch.task] = tr.task_samples.get(batch.task, 0) + out.loss.shape[0]
-    return out
 
 
 # ---------------------------------------------------------------- the loop
@@ -234,6 +188,30 @@ def data_stream(tr: Trainer, data: DataPipeline | WorkerPipeline) -> Iterator[tu
         yield make_batch(tr, item.media, item.captions), item
 
 
+def step_batches(
+    tr: Trainer, data: DataPipeline | WorkerPipeline, grad_accum: int
+) -> Iterator[tuple[list[Batch], list[MediaBatch]]]:
+    """The micro-batches of each optimizer step (`train.grad_accum` consecutive batches) and what the
+    pipeline said of them (captions, keys, skipped samples)."""
+    stream = data_stream(tr, data)
+    while True:
+        group = list(itertools.islice(stream, grad_accum))
+        if len(group) < grad_accum:
+            return
+        yield [b for b, _ in group], [item for _, item in group]
+
+
+def _draw_grid(tr: Trainer, sampler: Generator, prompts: list[str], task: str, stop: Preemption) -> None:
+    """Rank 0 writes a grid of samples. Under FSDP2 the EMA forward is collective, so every rank draws it
+    (and the grid is not abandoned on a preemption signal, which may have reached one rank only)."""
+    main, sharded = tr.dist.is_main, tr.dist.fsdp and tr.dist.multi
+    if not (main or sharded):
+        return
+    grid = Path(tr.cfg.run.dir) / "samples" / f"step_{tr.step:08d}.png" if main else None
+    should_stop = None if sharded else lambda: stop.requested is not None
+    write_samples(tr, sampler, prompts, task, grid, should_stop)
+
+
 def check_nonfinite(tr: Trainer, out: ObjectiveOutput, keys: list[str], logger: RunLogger) -> None:
     """After a skipped (non-finite) step: log it with the batch's keys; abort after too many in a row."""
     loss, norm = out.loss.mean().item(), out.metrics["grad_norm"].item()
@@ -251,13 +229,14 @@ def write_samples(
     gen: Generator,
     prompts: list[str],
     task: str,
-    path: Path,
+    path: Path | None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Path | None:
     """A grid from the EMA model for the task of the first batch: `sample.num` images, or one row of
     frames per clip for video / AV (audio-only runs draw nothing). Prompts cycle; seeds sample.seed + i.
     `should_stop` is asked before every model forward: when it says yes (a preemption signal) the grid
-    is abandoned within one forward and nothing is written (None), so the run can save and exit."""
+    is abandoned within one forward and nothing is written (None), so the run can save and exit. With
+    `path` None the grid is drawn (a collective forward under FSDP2) and not written."""
     s = tr.cfg.sample
     mods = TASK_MODALITIES[task]
     if mods == ("audio",):
@@ -269,6 +248,8 @@ def write_samples(
             chosen, seeds, mods, s.steps, s.sampler, s.cfg_scale, s.shift, should_stop=should_stop
         )
     except SamplingStopped:
+        return None
+    if path is None:
         return None
     if "image" in media:
         nrow = min(len(prompts), s.num) if len(prompts) <= 8 else 0
@@ -319,9 +300,9 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
 def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
     cfg, run_dir, main = tr.cfg, Path(tr.cfg.run.dir), tr.dist.is_main
     tr.data = build_data(cfg, tr.dist)
-    started_from = None
+    started_from, events = None, plan.events()
     if plan.ckpt is not None:
-        restore(tr, plan.ckpt)
+        events += restore(tr, plan.ckpt)
     elif cfg.train.init_from:  # a fresh run that starts from trained weights
         started_from = init_from(tr, cfg.train.init_from)
     if main:
@@ -330,7 +311,7 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
     if tr.step >= cfg.train.max_steps:
         return {**summary, "last": {"step": tr.step}}
     logger = RunLogger(run_dir, resume_step=tr.step) if main else dist_io.QuietLogger()
-    for event in plan.events():
+    for event in events:
         logger.log(tr.step, event)
     if started_from is not None:
         logger.log(tr.step, {"event": "init_from", "source": started_from})
@@ -340,14 +321,15 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
     prompts: list[str] = list(cfg.sample.prompts)
     last, grid_task = {"step": tr.step}, None
     with Preemption(cfg.train.preempt_signals) as stop, logger, bar:
-        for batch, item in data_stream(tr, tr.data):
-            prompts = prompts or sorted(set(item.captions))
+        for micro, items in step_batches(tr, tr.data, cfg.train.grad_accum):
+            batch, keys = micro[0], [key for item in items for key in item.keys]
+            prompts = prompts or sorted(set(items[0].captions))
             grid_task = grid_task or batch.task
-            out = train_step(tr, batch)
-            for where, reason in item.skipped:  # bad samples met while this batch was read
+            out = train_step(tr, micro if len(micro) > 1 else batch)
+            for where, reason in [s for item in items for s in item.skipped]:  # met while reading the step
                 logger.log(tr.step, {"event": "skipped_sample", "sample": where, "reason": reason})
             if tr.nonfinite_streak:
-                check_nonfinite(tr, out, item.keys, logger)
+                check_nonfinite(tr, out, keys, logger)
             else:
                 meter.add(
                     out.metrics, out.levels[:, 0], out.loss_gen, batch.ids.shape[0] + batch.txt.shape[1]
@@ -356,9 +338,8 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
             done = tr.step >= cfg.train.max_steps
             if tr.step % cfg.train.log_every == 0 or done:
                 last = _log_interval(tr, meter, logger, bar)
-            if main and ((cfg.sample.every and tr.step % cfg.sample.every == 0) or done):
-                grid = run_dir / "samples" / f"step_{tr.step:08d}.png"
-                write_samples(tr, sampler, prompts, grid_task, grid, lambda: stop.requested is not None)
+            if (cfg.sample.every and tr.step % cfg.sample.every == 0) or done:
+                _draw_grid(tr, sampler, prompts, grid_task, stop)
             stopping = _stop_signal(tr, stop)
             if tr.step % cfg.train.ckpt_every == 0 or done or stopping:
                 summary["checkpoint"] = str(save(tr, run_dir))

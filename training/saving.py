@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,12 +62,17 @@ def _ranked(tr: Trainer) -> bool:
 
 
 def _engine_name(tr: Trainer) -> str:
-    return f"deepspeed-zero{tr.engine.zero_optimization_stage()}" if tr.engine is not None else "ddp"
+    if tr.engine is not None:
+        return f"deepspeed-zero{tr.engine.zero_optimization_stage()}"
+    return "fsdp" if tr.dist.fsdp else "ddp"
 
 
 def _check_layout(tr: Trainer, ckpt: Path, state: dict) -> None:
-    """The optimizer state is laid out per engine, ZeRO stage and rank: resuming needs the same three."""
+    """The optimizer state is laid out per engine, ZeRO stage and rank: resuming needs the same three,
+    except that FSDP2's DCP checkpoints reshard to any number of processes."""
     saved = (int(state.get("world", 1)), state.get("engine", "ddp"))
+    if saved[1] == "fsdp" == _engine_name(tr):
+        return
     if saved != (tr.dist.world, _engine_name(tr)):
         raise ConfigError(
             f"{ckpt} was written by {saved[0]} process(es) with {saved[1]}, this run has {tr.dist.world} "
@@ -77,9 +83,16 @@ def _check_layout(tr: Trainer, ckpt: Path, state: dict) -> None:
 
 def save(tr: Trainer, run_dir: Path) -> Path:
     """A checkpoint of the run; with several processes every rank must call it (collective)."""
-    weights = _weights(tr)
+    shared = None
+    if tr.dist.fsdp:
+        from selfflow.training import fsdp
+
+        weights = fsdp.full_weights(tr)  # gathered to rank 0, for sampling and snapshots
+        shared = partial(fsdp.save_sharded, tr)  # what resumes: every rank's shards, in dcp/
+    else:
+        weights = _weights(tr)
     trainer = {"scheduler": tr.scheduler.state_dict()}
-    if tr.engine is None:  # replicated: rank 0's copy is every rank's
+    if tr.engine is None and shared is None:  # replicated: rank 0's copy is every rank's
         trainer["optimizer"] = tr.optimizer.state_dict()
     rng = {"generator": tr.generator.get_state(), "cpu_rng": torch.get_rng_state()}
     state = {"samples_seen": tr.samples_seen, "ema": tr.ema.meta(), "nonfinite": tr.nonfinite}
@@ -96,7 +109,7 @@ def save(tr: Trainer, run_dir: Path) -> Path:
     mine = (rng, {"samples_seen": tr.samples_seen, "task_samples": dict(tr.task_samples), "data": data})
     main = (weights, trainer, state, tr.cfg) if tr.dist.is_main else None
     return ckpt_io.save_checkpoint_ranks(
-        root, tr.step, tr.dist.rank, lambda: dist_io.barrier(tr.dist), main, mine, keep
+        root, tr.step, tr.dist.rank, lambda: dist_io.barrier(tr.dist), main, mine, keep, shared
     )
 
 
@@ -176,12 +189,15 @@ def _load_module(tr: Trainer, module: nn.Module, ckpt: Path, name: str) -> None:
         module.load_state_dict(ckpt_io.load_weights(ckpt, name, tr.device))
 
 
-def restore(tr: Trainer, ckpt: Path) -> None:
-    """Load weights, EMA(s), optimizer, scheduler, RNG states and counters from a checkpoint (with several
-    processes: on every rank, each reading its own RNG, optimizer shard and data position)."""
-    check_compatible(tr.cfg, ckpt)
-    state, trainer = ckpt_io.load_state(ckpt)
-    _check_layout(tr, ckpt, state)
+def _load_weights(tr: Trainer, ckpt: Path, state: dict) -> None:
+    """Student, head and EMA(s): FSDP2 reads its DCP shards, the others the safetensors files."""
+    if tr.dist.fsdp:
+        from selfflow.training import fsdp
+
+        fsdp.load_sharded(tr, ckpt)  # the optimizer too
+        tr.ema.load_meta(state["ema"])
+        tr.teacher_ema.load_meta(state["ema_teacher"])
+        return
     _load_module(tr, tr.models.student, ckpt, "model")
     tr.ema.load_state_dict({**state["ema"], "model": ckpt_io.load_weights(ckpt, "ema", tr.device)})
     if tr.teacher_ema is not tr.ema:
@@ -189,10 +205,42 @@ def restore(tr: Trainer, ckpt: Path) -> None:
         tr.teacher_ema.load_state_dict({**state["ema_teacher"], "model": teacher})
     if tr.models.head is not None:
         _load_module(tr, tr.models.head, ckpt, "head")
-    mine, rng = ckpt_io.load_rank(ckpt, tr.dist.rank) if _ranked(tr) else (state, trainer)
+
+
+def _resharded(tr: Trainer, ckpt: Path, saved_world: int, step: int) -> tuple[dict, dict]:
+    """(counters and data position, RNG states) for a job whose process count differs from the one that
+    saved `ckpt` (FSDP2): rank 0's counters; every task's data stream starts its next epoch (the rest of
+    the interrupted one is not read: the shard split has changed); the RNGs are seeded anew from
+    (seed, rank, step)."""
+    from selfflow.data.pipeline import next_epoch_state
+
+    saved = [ckpt_io.load_rank(ckpt, r)[0] for r in range(saved_world)]
+    mine = dict(saved[0])
+    datas = [s["data"] for s in saved if s.get("data")]
+    mine["data"] = next_epoch_state(datas) if datas else None
+    seed = tr.cfg.seed + 1 + 1_000_003 * tr.dist.rank + 7_919 * step
+    generator = torch.Generator(device=tr.generator.device).manual_seed(seed)
+    cpu = torch.Generator().manual_seed(seed)
+    return mine, {"generator": generator.get_state(), "cpu_rng": cpu.get_state()}
+
+
+def restore(tr: Trainer, ckpt: Path) -> list[dict]:
+    """Load weights, EMA(s), optimizer, scheduler, RNG states and counters from a checkpoint (with several
+    processes: on every rank, each reading its own RNG, optimizer shard and data position). Returns the
+    metrics.jsonl events (less the step) of what changed on the way: a resharded FSDP2 state."""
+    check_compatible(tr.cfg, ckpt)
+    state, trainer = ckpt_io.load_state(ckpt)
+    _check_layout(tr, ckpt, state)
+    _load_weights(tr, ckpt, state)
+    saved_world, events = int(state.get("world", 1)), []
+    if _ranked(tr) and saved_world != tr.dist.world:
+        mine, rng = _resharded(tr, ckpt, saved_world, int(state["step"]))
+        events.append({"event": "resharded", "from_processes": saved_world, "to_processes": tr.dist.world})
+    else:
+        mine, rng = ckpt_io.load_rank(ckpt, tr.dist.rank) if _ranked(tr) else (state, trainer)
     if tr.engine is not None:
         dist_io.load_optimizer_state(tr.engine, tr.dist, rng["optimizer"])
-    else:
+    elif not tr.dist.fsdp:
         tr.optimizer.load_state_dict(trainer["optimizer"])
     tr.scheduler.load_state_dict(trainer["scheduler"])
     tr.generator.set_state(rng["generator"])
@@ -202,3 +250,4 @@ def restore(tr: Trainer, ckpt: Path) -> None:
     tr.nonfinite = int(state.get("nonfinite", 0))
     if tr.data is not None and mine.get("data"):  # the next batch is the interrupted run's next batch
         tr.data.load_state_dict(mine["data"])
+    return events
