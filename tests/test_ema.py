@@ -197,3 +197,32 @@ def _decays(ema: EMA, n: int) -> list[float]:
         out.append(ema.current_decay())
         ema.num_updates += 1
     return out
+
+
+def test_a_gathered_update_runs_one_module_at_a_time_and_equals_the_plain_one(tiny_cfg, tiny_model):
+    """With `gather` (ZeRO-3) every parameter passes through exactly one gather, each block by itself,
+    so that at most one block's worth is whole at a time; the result equals the plain update."""
+    import contextlib
+
+    plain, gathered = EMA(tiny_model, 0.9), EMA(tiny_model, 0.9)
+    other = randomize(build_model(tiny_cfg), seed=1)
+    calls: list[list[torch.Tensor]] = []
+
+    def gather(params):
+        calls.append(params)
+        return contextlib.nullcontext()
+
+    plain.update(other)
+    gathered.update(other, gather)
+    assert all(torch.equal(plain.weights()[k], v) for k, v in gathered.weights().items())
+    ids = [id(p) for params in calls for p in params]
+    assert sorted(ids) == sorted(id(p) for p in other.parameters())  # each one once
+    blocks = [*other.double_blocks, *other.single_blocks]
+    assert all(
+        any({id(p) for p in params} == {id(p) for p in b.parameters()} for params in calls) for b in blocks
+    )
+    largest, total = (
+        max(sum(p.numel() for p in ps) for ps in calls),
+        sum(p.numel() for p in other.parameters()),
+    )
+    assert largest <= max(sum(p.numel() for p in b.parameters()) for b in blocks) < total / 2

@@ -114,13 +114,17 @@ def mixed(shards, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_a_mixed_task_run_completes_on_two_ranks_under_fsdp(mixed, tmp_path):
-    """Image and audio batches in one run: every rank runs the step's task, so the sharded collectives
-    match, and both tasks are trained."""
+@pytest.mark.parametrize("engine", ["fsdp", "ddp"])
+def test_a_mixed_task_run_with_accumulation_completes_on_two_ranks(mixed, tmp_path, engine):
+    """Image and audio batches in one run, two micro-batches per step (gradients reduced on the second
+    only): every rank runs each micro-batch's task, so the collectives match, and both tasks train."""
     run = tmp_path / "run"
-    run_main(2, mixed, run, "train.max_steps=6", "data.weights={image: 1, audio: 1}", "sample.every=0")
+    extra = ("train.max_steps=6", "train.grad_accum=2", "data.weights={image: 1, audio: 1}", "sample.every=0")
+    args = _main_args(mixed, run, f"dist.engine={engine}", *extra)
+    launch(*args)
     last = [r for r in read_metrics(run / "metrics.jsonl") if "samples_seen_audio" in r][-1]
-    assert last["step"] == 6 and last["samples_seen_image"] > 0 and last["samples_seen_audio"] > 0
+    assert last["step"] == 6 and last["samples_seen"] == 6 * 2 * 2  # steps x micro-batches x batch size
+    assert last["samples_seen_image"] > 0 and last["samples_seen_audio"] > 0
 
 
 # ---------------------------------------------------------------- worker side (run under torchrun)
