@@ -84,10 +84,14 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(shards, tmp
     assert {"event": "resharded", "from_processes": first, "to_processes": then} in [
         {k: r[k] for k in ("event", "from_processes", "to_processes") if k in r} for r in rows if "event" in r
     ]
-    assert (
-        json.loads((ckpt_io.latest_checkpoint(run / "checkpoints") / "state.json").read_text())["world"]
-        == then
-    )
+    state = json.loads((ckpt_io.latest_checkpoint(run / "checkpoints") / "state.json").read_text())
+    assert state["world"] == then
+    tuned = tmp_path / "tuned"  # and a sharded run can start from its weights (train.init_from)
+    run_main(then, shards, tuned, f"train.init_from={ckpt}", "train.lr=1e-9", "train.max_steps=1")
+    before = ckpt_io.load_weights(ckpt, "model")
+    after = ckpt_io.load_weights(ckpt_io.latest_checkpoint(tuned / "checkpoints"), "model")
+    assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)  # lr 1e-9: barely moved
+    assert read_metrics(tuned / "metrics.jsonl")[0]["event"] == "init_from"
 
 
 @pytest.mark.slow

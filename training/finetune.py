@@ -54,8 +54,15 @@ def init_from(tr: Trainer, source: str) -> str:
     student, ema, where = _source_weights(source)
     check_fits(tr.models.student, student, where)
     check_fits(tr.ema.model, ema, where)
+    copies = [e.model for e in {id(e): e for e in (tr.ema, tr.teacher_ema)}.values()]
+    if tr.dist.fsdp:  # every rank keeps its shards of the whole tensors
+        from selfflow.training.fsdp import load_full
+
+        for module, weights in [(tr.models.student, student)] + [(c, ema) for c in copies]:
+            load_full(module, weights)
+        return where
     with full_parameters(tr.engine, tr.models.student, modifier_rank=0):  # ZeRO-3: re-sharded after
         tr.models.student.load_state_dict({k: v.to(tr.device) for k, v in student.items()})
-    for copy in {id(e): e for e in (tr.ema, tr.teacher_ema)}.values():
-        copy.model.load_state_dict({k: v.to(tr.device) for k, v in ema.items()})
+    for copy in copies:
+        copy.load_state_dict({k: v.to(tr.device) for k, v in ema.items()})
     return where

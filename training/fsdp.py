@@ -161,6 +161,11 @@ def load_sharded(tr: Trainer, ckpt: Path) -> None:
         set_model_state_dict(ema.model, state[name])
 
 
+def load_full(module: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Whole tensors (the same on every rank) into a sharded module: each rank keeps its shards."""
+    set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True))
+
+
 def full_weights(tr: Trainer) -> dict[str, dict[str, Tensor]]:
     """Whole CPU weights by file name on rank 0 ({} elsewhere); every rank takes part in the gathers."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -1,10 +1,11 @@
 """The training loop: `train(cfg)` reads shards, steps the objective, keeps the EMA(s), logs, writes
 sample grids and checkpoints, and resumes from `<run.dir>/checkpoints/` when it can. It runs as one
-process, or as each rank of several under torchrun / the deepspeed launcher (training/distributed.py;
-checkpoints in training/saving.py); a single process takes none of the multi-process paths.
+process, or as each rank of several under torchrun / the deepspeed launcher (training/distributed.py,
+training/fsdp.py; checkpoints in training/saving.py); a single process takes none of the multi-process
+paths.
 
     trainer = build_trainer(cfg)          # model, projector, EMA(s), AdamW, RNG, tokenizers
-    out = train_step(trainer, batch)      # one optimizer step + EMA update; metrics stay on device
+    out = train_step(trainer, batch)      # one optimizer step + EMA update (training/step.py)
 
 Precision: fp32 weights and optimizer; bf16 autocast on CUDA (`train.precision`). The EMA copies are
 fp32. Counters are device tensors until a log interval (`training/tracking.py`).
