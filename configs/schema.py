@@ -184,7 +184,7 @@ class DataConfig:
 
     # comma-separated sources: make_shards folders, folders of .tar files, globs, brace patterns
     # (/data/{00000..00099}.tar) and URLs webdataset opens (pipe:CMD, file:, http(s):); the task of a
-    # sample in a plain tar is inferred from its fields (data/loader.py, data/fields.py)
+    # sample in a plain tar is inferred from its fields (data/sources.py, data/fields.py)
     shards: str = ""
     task_shards: dict[str, str] = field(default_factory=dict)  # {task: source}: shards of one known task
     caption_key: str = "caption"  # the json entry a sample without txt / caption field is captioned by

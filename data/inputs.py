@@ -8,7 +8,7 @@ Folder: the top level only, hidden names (`.*`) ignored. A media file `<stem>.<e
 `meta` object, and any other column or key becomes metadata too.
 
 Every input becomes an Entry (sorted by key, the order samples are written in) or a Skip with the
-reason. Captions and metadata are read here; decoding the media is left to `packing`.
+reason. Captions and metadata are read here; decoding the media is left to `prepare`.
 """
 
 from __future__ import annotations

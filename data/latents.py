@@ -95,7 +95,7 @@ def _pixels(modality: str, task: str, fields: dict, spec: ClipSpec) -> np.ndarra
         return pixels.transpose(2, 0, 1) / 127.5 - 1
     if task == "audio":
         return decode_audio(fields["flac"], spec)
-    name = next(f for f in ("mp4", "webm", "mkv") if f in fields)  # the field packing kept the video in
+    name = next(f for f in ("mp4", "webm", "mkv") if f in fields)  # the field make_shards kept the video in
     box = VIDEO_CONTAINERS[name]
     if modality == "video":
         video = decode_av(fields[name], spec, audio=False, container=box).video

@@ -48,8 +48,8 @@ from torch import Tensor
 
 from selfflow.data.decode import FITS
 from selfflow.data.fields import infer_task
-from selfflow.data.loader import ShardSource, find_shards
 from selfflow.data.shards import iter_tar_samples
+from selfflow.data.sources import ShardSource, find_shards
 from selfflow.data.streams import CLIP_WINDOWS, TASK_MODALITIES, DataError, TaskStream
 from selfflow.tokenizers.spec import ClipSpec
 
@@ -101,7 +101,7 @@ def check_fingerprints(saved: dict[str, str] | None, current: dict[str, str], al
 
 class DataPipeline:
     """Per-task streams mixed by weight; each batch holds one task with that task's batch size.
-    `shards` names sources, comma-separated (`data/loader.py`): a task reads its typed shards and every
+    `shards` names sources, comma-separated (`data/sources.py`): a task reads its typed shards and every
     mixed shard, where it takes the samples whose fields make them its own. `options` are TaskStream's
     (shuffle_buffer, strict, image_fit, limits, caption_key, clip_window, open_retries, retry_wait_s)."""
 

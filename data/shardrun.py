@@ -17,7 +17,7 @@ from tqdm import tqdm
 from selfflow.data.decode import LIMITS, DecodeLimits
 from selfflow.data.inputs import Entry, Skip
 from selfflow.data.latents import LatentOptions
-from selfflow.data.packing import Outcome, Prepared, Target, prepare
+from selfflow.data.prepare import Outcome, Prepared, Target, prepare
 from selfflow.data.shardsets import Progress, TaskShards
 
 

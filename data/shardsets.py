@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from selfflow.data.packing import TASK_FIELDS, TASKS, Outcome, Prepared
+from selfflow.data.prepare import TASK_FIELDS, TASKS, Outcome, Prepared
 from selfflow.data.shards import (
     TEMP_SUFFIX,
     ShardFile,

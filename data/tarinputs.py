@@ -8,7 +8,7 @@ Sources: a folder holding `.tar` files and no media, one `.tar`, a glob (`/data/
 (`/data/{00000..00009}.tar`), or a URL that webdataset's gopen opens (`pipe:cat /x/{0..3}.tar`,
 `file:/x/a.tar`, `http(s)://...`), brace-expanded as webdataset does.
 
-Why staging: `packing.prepare` decodes one file per entry, in any process of the pool. Streaming each
+Why staging: `prepare.prepare` decodes one file per entry, in any process of the pool. Streaming each
 shard once and writing each sample's media to `<staging>/<key>.<field>` gives entries that go through
 exactly the same decoding, limits, re-encoding, clip cutting, ordering and resuming as a media folder,
 with only one sample's bytes in memory at a time. The resume log's fingerprint hashes every staged key,
@@ -39,8 +39,8 @@ from tqdm import tqdm
 from selfflow.data.decode import DecodeLimits
 from selfflow.data.fields import AUDIO_CONTAINERS, IMAGE_FIELDS, VIDEO_CONTAINERS, caption_of
 from selfflow.data.inputs import Entry, Skip, check_caption, kind_of, to_key
-from selfflow.data.loader import expand_source
 from selfflow.data.shards import is_url, iter_tar_samples, shard_error
+from selfflow.data.sources import expand_source
 
 # media fields in the reader's order of preference (`fields.infer_task`) -> Entry kind
 MEDIA_FIELDS = {

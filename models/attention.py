@@ -1,30 +1,63 @@
-"""Attention kernels behind one switch.
+"""Attention without a padding mask: dense over full rows, variable-length (ragged) over the rest.
 
-`sdpa` (torch.nn.functional.scaled_dot_product_attention) is the default and the reference: on
-CUDA it already dispatches to FlashAttention-2 / cuDNN / memory-efficient kernels. `flash` and
-`xformers` call those libraries directly on CUDA when they are importable; `auto` picks the best
-available per call. Calls the external kernels cannot serve (CPU tensors, fp32, a padding mask)
-fall back to SDPA, so every backend gives the same numbers up to kernel rounding.
+Captions differ in length, so a batch's text stream is padded. A boolean padding mask would keep that
+out of the attention, but a masked call cannot use the fast kernels (FlashAttention, cuDNN). Instead,
+the padded tokens are left out of the attention altogether: `Ragged` lists the tokens that attend and
+which sequence each belongs to, and `attention` runs over those variable-length sequences only:
+
+- no padding anywhere in the batch (`ragged=None`): dense `scaled_dot_product_attention` without a
+  mask, which on CUDA dispatches to FlashAttention-2 / cuDNN / memory-efficient kernels;
+- otherwise the kept tokens are gathered into one [T, H, Dh] sequence and attended per sequence:
+  `flash_attn_varlen_func` when the `flash` backend is installed (CUDA, bf16 / fp16), else SDPA over a
+  jagged nested tensor (flash-class kernels on CUDA); on the CPU one SDPA call per sequence (the
+  jagged CPU kernel is the slow math one). The outputs at the left-out positions are 0.
+
+The same mechanism serves packed batches (several samples in one row, attention kept within each):
+a sequence is any run of kept tokens, not necessarily a whole row. Why not the alternatives: a masked
+call (the previous design) never reaches the fast kernels; FLUX-style attended padding does, but
+changes what the model computes (pad tokens become context) and still spends attention on padding;
+flex_attention with a block mask needs torch.compile to be fast and is a prototype API on CPU.
+Outputs at kept positions equal masked attention (tested on CPU, `tests/test_model.py`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-BACKENDS = ("auto", "sdpa", "flash", "xformers")
+BACKENDS = ("auto", "sdpa", "flash")
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """The tokens of a [B, N] layout that attend, as variable-length sequences."""
+
+    index: Tensor  # [T] long: positions of the kept tokens in the flattened B * N layout, in order
+    offsets: Tensor  # [S + 1] long: where each sequence starts among the T kept tokens (cu_seqlens)
+    max_len: int  # the longest sequence
+    size: int  # B * N
+    bounds: tuple[int, ...] = ()  # `offsets` on the host (the CPU path slices by them)
+
+
+def ragged_rows(keep: Tensor) -> Ragged | None:
+    """One sequence per row of keep [B, N] bool (True = a token that attends); None when every token
+    of every row is kept, so that the dense, mask-free path runs. One host sync (the lengths)."""
+    lengths = keep.sum(dim=1)  # [B]
+    if bool((lengths == keep.shape[1]).all()):
+        return None
+    index = keep.reshape(-1).nonzero().squeeze(1)
+    offsets = F.pad(lengths.cumsum(0), (1, 0))
+    return Ragged(index, offsets, int(lengths.max()), keep.numel(), tuple(offsets.tolist()))
 
 
 def backend_available(name: str) -> bool:
     """Whether the library behind `name` can be imported (SDPA always can)."""
-    if name in ("auto", "sdpa"):
-        return True
-    module = {"flash": "flash_attn", "xformers": "xformers"}[name]
-    return importlib.util.find_spec(module) is not None
+    return name in ("auto", "sdpa") or importlib.util.find_spec("flash_attn") is not None
 
 
 def check_backend(name: str) -> str:
@@ -32,43 +65,60 @@ def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
     if not backend_available(name):
-        pip = "flash-attn" if name == "flash" else "xformers"
-        raise ValueError(f"attention backend {name!r} needs `pip install {pip}` (CUDA only); use 'sdpa'")
+        raise ValueError(f"attention backend {name!r} needs `pip install flash-attn` (CUDA only); use 'sdpa'")
     return name
 
 
-def _external_ok(q: Tensor, mask: Tensor | None) -> bool:
-    return q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16)
+def _use_flash(q: Tensor, backend: str) -> bool:
+    wanted = backend == "flash" or (backend == "auto" and backend_available("flash"))
+    return wanted and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def _flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    from flash_attn import flash_attn_func
-
-    q, k, v = (rearrange(x, "b h l d -> b l h d") for x in (q, k, v))
-    return rearrange(flash_attn_func(q, k, v), "b l h d -> b h l d")
-
-
-def _xformers(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    import xformers.ops as xops
-
-    q, k, v = (rearrange(x, "b h l d -> b l h d") for x in (q, k, v))
-    return rearrange(xops.memory_efficient_attention(q, k, v), "b l h d -> b h l d")
+def _ragged_sdpa(q: Tensor, k: Tensor, v: Tensor, ragged: Ragged) -> Tensor:
+    """q, k, v [T, H, Dh] -> [T, H, Dh], attention within each sequence (jagged nested tensors)."""
+    nested = [
+        torch.nested.nested_tensor_from_jagged(x, ragged.offsets, max_seqlen=ragged.max_len).transpose(1, 2)
+        for x in (q, k, v)
+    ]  # [S, H, j, Dh]
+    return F.scaled_dot_product_attention(*nested).transpose(1, 2).values()
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, backend: str = "sdpa") -> Tensor:
-    """Bidirectional attention.
+def _ragged_loop(q: Tensor, k: Tensor, v: Tensor, ragged: Ragged) -> Tensor:
+    """The same on the CPU: one mask-free SDPA call per sequence (the jagged kernel there is the slow
+    math one: 6x a masked call for a `small` batch, this loop 1.5x)."""
+    pairs = zip(ragged.bounds[:-1], ragged.bounds[1:], strict=True)
+    parts = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v))) for a, b in pairs]
+    return torch.cat([p.transpose(0, 1) for p in parts])  # [T, H, Dh]
 
-    q, k, v: [B, H, L, Dh]; mask: bool [B, 1, 1, L] (True = attend) or None. Returns [B, L, H*Dh].
-    """
-    if backend == "auto":
-        if _external_ok(q, mask) and backend_available("flash"):
-            backend = "flash"
-        elif _external_ok(q, mask) and backend_available("xformers"):
-            backend = "xformers"
-    if backend == "flash" and _external_ok(q, mask):
-        out = _flash(q, k, v)
-    elif backend == "xformers" and _external_ok(q, mask):
-        out = _xformers(q, k, v)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return rearrange(out, "b h l d -> b l (h d)")
+
+def _ragged_flash(q: Tensor, k: Tensor, v: Tensor, ragged: Ragged) -> Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    cu = ragged.offsets.to(torch.int32)
+    return flash_attn_varlen_func(q, k, v, cu, cu, ragged.max_len, ragged.max_len)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, ragged: Ragged | None = None, backend: str = "sdpa") -> Tensor:
+    """Bidirectional attention; q, k, v [B, H, N, Dh] -> [B, N, H * Dh]. With `ragged`, only its
+    tokens attend, each to the tokens of its own sequence; the other positions' outputs are 0."""
+    flash = _use_flash(q, backend)
+    if ragged is None:
+        if flash:
+            from flash_attn import flash_attn_func
+
+            q, k, v = (rearrange(x, "b h n d -> b n h d") for x in (q, k, v))
+            return rearrange(flash_attn_func(q, k, v), "b n h d -> b n (h d)")
+        return rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+    return _ragged_attention(q, k, v, ragged, flash)
+
+
+@torch.compiler.disable  # variable lengths: under torch.compile this stays eager instead of recompiling
+def _ragged_attention(q: Tensor, k: Tensor, v: Tensor, ragged: Ragged, flash: bool) -> Tensor:
+    b, h, n, d = q.shape
+    flat = [
+        rearrange(x, "b h n d -> (b n) h d").index_select(0, ragged.index) for x in (q, k, v)
+    ]  # [T, H, Dh]
+    kernel = _ragged_flash if flash else _ragged_sdpa if q.is_cuda or not ragged.bounds else _ragged_loop
+    out = kernel(*flat, ragged)
+    full = out.new_zeros(ragged.size, h, d).index_copy(0, ragged.index, out)
+    return rearrange(full, "(b n) h d -> b n (h d)", b=b)

@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from selfflow.models.attention import attention
+from selfflow.models.attention import Ragged, attention
 from selfflow.models.layers import ModulationOut, RMSNorm, SwiGLU, apply_rope, gather_levels, modulate
 
 PE = tuple[Tensor, Tensor]
@@ -64,12 +64,12 @@ class DoubleStreamBlock(nn.Module):
         img_mod: list[ModulationOut],  # 2 sets (attention, MLP), each [B, L or 1, D]
         txt_mod: list[ModulationOut],  # 2 sets, each [B, 1, D]
         pe: PE,  # over the joint sequence [txt; img]
-        mask: Tensor | None,  # [B, 1, 1, Lt + L] or None
+        ragged: Ragged | None,  # the tokens of [txt; img] that attend (None: all)
     ) -> tuple[Tensor, Tensor]:
         iq, ik, iv = self.img_attn(img, img_mod[0])
         tq, tk, tv = self.txt_attn(txt, txt_mod[0])
         q, k, v = (torch.cat(pair, dim=2) for pair in ((tq, iq), (tk, ik), (tv, iv)))
-        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, mask, self.backend)
+        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, ragged, self.backend)
         txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
 
         img = img + img_mod[0].gate * self.img_proj(img_out)
@@ -94,13 +94,13 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(hidden + mlp_hidden, hidden)
         self.qk_norm = QKNorm(hidden // heads)
 
-    def forward(self, x: Tensor, mod: ModulationOut, pe: PE, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mod: ModulationOut, pe: PE, ragged: Ragged | None) -> Tensor:
         """x [B, Lt + L, D]; mod per token [B, Lt + L, D]."""
         h = self.linear1(modulate(self.norm(x), mod.shift, mod.scale))
         qkv, mlp = h.split([3 * self.hidden, 2 * self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=self.heads)
         q, k = self.qk_norm(q, k)
-        attn = attention(apply_rope(q, pe), apply_rope(k, pe), v, mask, self.backend)
+        attn = attention(apply_rope(q, pe), apply_rope(k, pe), v, ragged, self.backend)
         gate, up = mlp.chunk(2, dim=-1)
         return x + mod.gate * self.linear2(torch.cat([attn, nn.functional.silu(gate) * up], dim=-1))
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from selfflow.models.attention import check_backend
+from selfflow.models.attention import Ragged, check_backend, ragged_rows
 from selfflow.models.blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock
 from selfflow.models.flow import velocity_from_data
 from selfflow.models.layers import EmbedND, Modulation, TimestepEmbedder, distinct_levels
@@ -66,6 +66,7 @@ class Condition:
     txt: Tensor  # [B, Lt, D] embedded caption (the null token where the caption is dropped)
     mask: Tensor | None  # [B, Lt] bool, True = real token
     pe: tuple[Tensor, Tensor]  # rotary tables of [text; media] positions
+    ragged: Ragged | None = None  # the tokens of [text; media] that attend (None: all of them)
 
 
 class MMDiT(nn.Module):
@@ -130,7 +131,7 @@ class MMDiT(nn.Module):
             txt_t = levels[:, 0]
         c = cond if cond is not None else self._condition(media_ids, txt, txt_mask, drop_txt)
         vec = self.time_in(torch.cat([txt_t[:, None], levels], dim=1))  # [B, 1 + K, D]
-        img, hidden = self._run_blocks(img, c.txt, vec, index, c.pe, c.mask, return_hidden, stop_after)
+        img, hidden = self._run_blocks(img, c.txt, vec, index, c.pe, c.ragged, return_hidden, stop_after)
         if stop_after is not None:
             return MMDiTOutput(None, hidden)
         out = self.final(img, vec[:, 1:], index, lengths)
@@ -154,7 +155,11 @@ class MMDiT(nn.Module):
         if txt is None:
             raise ValueError("give txt, or a precomputed cond")
         txt_h, mask = self._embed_text(txt, txt_mask, drop_txt)
-        return Condition(txt_h, mask, self.pe(_joint_ids(txt_h.shape[1], media_ids, txt_h.shape[0])))
+        b, n = txt_h.shape[0], media_ids.shape[-2]
+        ragged = None  # padded caption tokens take no part in attention (models/attention.py)
+        if mask is not None:
+            ragged = ragged_rows(torch.cat([mask, mask.new_ones(b, n)], dim=1))  # [B, Lt + L]
+        return Condition(txt_h, mask, self.pe(_joint_ids(txt_h.shape[1], media_ids, b)), ragged)
 
     def _embed_media(self, media: dict[str, Tensor]) -> tuple[Tensor, dict[str, int]]:
         unknown = set(media) - set(self.media_in)
@@ -197,29 +202,26 @@ class MMDiT(nn.Module):
         vec: Tensor,  # [B, 1 + K, D]: text level first, then the media levels
         index: Tensor | None,  # [B, L] media level of each token, None if K == 1
         pe: tuple[Tensor, Tensor],
-        txt_mask: Tensor | None,
+        ragged: Ragged | None,  # over [text; media]
         return_hidden: Sequence[int],
         stop_after: int | None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
         _check_taps(return_hidden, stop_after, self.params.depth)
         b, lt, n = img.shape[0], txt.shape[1], img.shape[1]
-        mask = None
-        if txt_mask is not None:
-            mask = torch.cat([txt_mask, txt_mask.new_ones(b, n)], dim=1)[:, None, None, :]
         media_index = index + 1 if index is not None else vec.new_ones(b, n, dtype=torch.long)
         joint_index = torch.cat([media_index.new_zeros(b, lt), media_index], dim=1)  # [B, Lt + L]
         img_mod, txt_mod = self.img_mod(vec[:, 1:], index), self.txt_mod(vec[:, :1], None)
         (single_mod,) = self.single_mod(vec, joint_index)
         hidden, last = {}, stop_after or self.params.depth
         for i, block in enumerate(self.double_blocks, start=1):
-            img, txt = self._call(block, img, txt, img_mod, txt_mod, pe, mask)
+            img, txt = self._call(block, img, txt, img_mod, txt_mod, pe, ragged)
             if i in return_hidden:
                 hidden[i] = img
             if i == last:
                 return img, hidden
         x = torch.cat([txt, img], dim=1)
         for i, block in enumerate(self.single_blocks, start=self.params.depth_double + 1):
-            x = self._call(block, x, single_mod, pe, mask)
+            x = self._call(block, x, single_mod, pe, ragged)
             if i in return_hidden:
                 hidden[i] = x[:, lt:]
             if i == last:

@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-from selfflow.data.loader import describe_shards, resolve_shards
 from selfflow.data.packaged import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
@@ -27,6 +26,7 @@ from selfflow.data.packaged import (
 )
 from selfflow.data.pipeline import DataPipeline
 from selfflow.data.shards import MTIME, ShardWriter, iter_tar_samples, sha256_file
+from selfflow.data.sources import describe_shards, resolve_shards
 from selfflow.data.streams import TaskStream
 from selfflow.tokenizers.spec import ClipSpec
 from selfflow.tools import make_benchmark

@@ -263,7 +263,7 @@ def test_a_dead_or_hung_loader_worker_ends_in_one_data_error(tmp_path, fault):
 def die_on_victim(entry, **kwargs):
     """make_shards' work for one input, except that the worker given `victim` is killed (SIGKILL, as
     the OOM killer does). Module level: the spawned pool workers import it from this file."""
-    from selfflow.data.packing import prepare
+    from selfflow.data.prepare import prepare
 
     if entry.key == "victim":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from selfflow.configs import load_config
-from selfflow.data.loader import resolve_shards
 from selfflow.data.pipeline import DataError, DataPipeline, WorkerPipeline
+from selfflow.data.sources import resolve_shards
 from selfflow.data.streams import TaskStream
 
 SPEC = load_config("tiny").spec  # 1 s, 8 fps, 32x32, 16 kHz mono
@@ -218,8 +218,8 @@ def test_benchmark_ball_bounces_stay_in_sync_through_shards_and_decoding(benchma
 
 def test_several_shard_folders_feed_one_pipeline(shards, fmnist_shards):
     """`a,b`: every task reads the shards of all the folders that have it (commas in braces stay)."""
-    from selfflow.data.loader import split_sources
     from selfflow.data.pipeline import available_tasks
+    from selfflow.data.sources import split_sources
 
     assert split_sources(f"{shards}, x-{{a,b}}.tar") == [str(shards), "x-{a,b}.tar"]
     both = f"{shards},{fmnist_shards}"

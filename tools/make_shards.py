@@ -19,7 +19,7 @@ options and every shard's sample count and sha256; `skipped.jsonl` lists each re
 reason; `progress.jsonl` lets an interrupted run resume. Every input is decoded before it is written.
 
 `--size` / `--video-size` / `--fps` / `--duration` / `--sample-rate`, or `--spec PRESET` for all of them
-from a config's clip spec, re-encode media to that shape (see `data/packing.py`); without them the
+from a config's clip spec, re-encode media to that shape (see `data/prepare.py`); without them the
 original bytes are stored. `--no-audio` sends every mp4 to `video` without its audio track;
 `--latents DIR` adds codec latents (`data/latents.py`). Reruns with the same arguments rewrite nothing
 that is already correct, and the shards are byte-identical whatever `--workers` or interruptions
@@ -44,7 +44,7 @@ from selfflow.data.atomic import write_atomic
 from selfflow.data.decode import LIMITS, DecodeLimits, parse_size
 from selfflow.data.inputs import fingerprint, scan_inputs
 from selfflow.data.latents import LatentOptions, check_latents
-from selfflow.data.packing import TASKS, Outcome, Target, prepare
+from selfflow.data.prepare import TASKS, Outcome, Target, prepare
 from selfflow.data.shardrun import ShardRun
 from selfflow.data.shards import ShardLimits
 from selfflow.data.shardsets import MANIFEST, Progress, TaskShards, remove_stale, sample_stats, verify
