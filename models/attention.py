@@ -44,15 +44,29 @@ class Ragged:
     bounds: tuple[int, ...] = ()  # `offsets` on the host (the CPU path slices by them)
 
 
-def ragged_rows(keep: Tensor) -> Ragged | None:
-    """One sequence per row of keep [B, N] bool (True = a token that attends); None when every token
-    of every row is kept, so that the dense, mask-free path runs. One host sync (the lengths)."""
-    lengths = keep.sum(dim=1)  # [B]
-    if bool((lengths == keep.shape[1]).all()):
+def ragged_segments(segment: Tensor) -> Ragged | None:
+    """segment [B, N] long: the sequence each token belongs to within its row (-1: it attends to
+    nothing). The tokens of one (row, segment) form one sequence, in position order, wherever they sit
+    in the row. None when every row is one sequence without -1, so that the dense, mask-free path
+    runs. One host sync (the lengths)."""
+    b, n = segment.shape
+    keep = segment >= 0
+    if bool(keep.all()) and bool((segment == segment[:, :1]).all()):
         return None
-    index = keep.reshape(-1).nonzero().squeeze(1)
-    offsets = F.pad(lengths.cumsum(0), (1, 0))
-    return Ragged(index, offsets, int(lengths.max()), keep.numel(), tuple(offsets.tolist()))
+    per_row = int(segment.max()) + 1
+    key = (torch.arange(b, device=segment.device)[:, None] * per_row + segment).reshape(-1)  # [B * N]
+    position = keep.reshape(-1).nonzero().squeeze(1)
+    key = key[position]
+    index = position[torch.sort(key, stable=True).indices]
+    counts = torch.bincount(key, minlength=b * per_row)
+    counts = counts[counts > 0]
+    offsets = F.pad(counts.cumsum(0), (1, 0))
+    return Ragged(index, offsets, int(counts.max()), b * n, tuple(offsets.tolist()))
+
+
+def ragged_rows(keep: Tensor) -> Ragged | None:
+    """One sequence per row of keep [B, N] bool (True = a token that attends)."""
+    return ragged_segments(torch.where(keep, 0, -1))
 
 
 def backend_available(name: str) -> bool:

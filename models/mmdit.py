@@ -17,10 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from selfflow.models.attention import Ragged, check_backend, ragged_rows
+from selfflow.models.attention import Ragged, check_backend, ragged_rows, ragged_segments
 from selfflow.models.blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock
 from selfflow.models.flow import velocity_from_data
 from selfflow.models.layers import EmbedND, Modulation, TimestepEmbedder, distinct_levels
+from selfflow.models.packing import Packed
 
 N_AXES = 4  # rotary axes (t, h, w, l); see selfflow.tokenizers.spec
 PREDICTIONS = ("velocity", "data")
@@ -67,6 +68,25 @@ class Condition:
     mask: Tensor | None  # [B, Lt] bool, True = real token
     pe: tuple[Tensor, Tensor]  # rotary tables of [text; media] positions
     ragged: Ragged | None = None  # the tokens of [text; media] that attend (None: all of them)
+
+
+@dataclass
+class LevelSlots:
+    """Conditioning vectors of the distinct levels and the level of every token (None: all tokens of
+    the stream take slot 0 of their part: the text slot, or the single media level)."""
+
+    vec: Tensor  # [B, K', D]
+    txt: Tensor | None  # [B, Lt] slot of each text token, None: slot 0
+    media: Tensor | None  # [B, L] slot of each media token among vec[:, media_first:], None: the first
+    media_first: int  # where the media levels start in vec (1 unpacked, after the text level; 0 packed)
+
+    def joint(self, b: int, lt: int, n: int) -> Tensor:
+        """[B, Lt + L] slot of every token of [text; media] in vec."""
+        txt = (
+            self.txt if self.txt is not None else torch.zeros(b, lt, dtype=torch.long, device=self.vec.device)
+        )
+        media = self.media if self.media is not None else txt.new_zeros(b, n)
+        return torch.cat([txt, media + self.media_first], dim=1)
 
 
 class MMDiT(nn.Module):
@@ -118,23 +138,20 @@ class MMDiT(nn.Module):
         t_index: Tensor | None = None,  # [B, L] long: level of each media token in t [B, K]
         txt_t: Tensor | None = None,  # [B] level the text stream is modulated with (default: t [B])
         txt_mask: Tensor | None = None,  # [B, Lt] bool, True = real token
-        drop_txt: Tensor | None = None,  # [B] bool: replace the caption by the null caption (CFG)
+        drop_txt: Tensor | None = None,  # [B] (or [B, Lt] per token) bool: the null caption (CFG)
         return_hidden: Sequence[int] = (),
         stop_after: int | None = None,  # run blocks 1..stop_after only, return hidden states only
         cond: Condition | None = None,  # precomputed `condition(...)`: replaces txt, txt_mask, drop_txt
+        packed: Packed | None = None,  # several samples per row (models/packing.py)
     ) -> MMDiTOutput:
         img, lengths = self._embed_media(media)
         levels, index = self._levels(t, t_index, img.shape[1])
-        if txt_t is None:
-            if levels.shape[1] != 1:
-                raise ValueError("per-token levels need an explicit txt_t for the text stream")
-            txt_t = levels[:, 0]
-        c = cond if cond is not None else self._condition(media_ids, txt, txt_mask, drop_txt)
-        vec = self.time_in(torch.cat([txt_t[:, None], levels], dim=1))  # [B, 1 + K, D]
-        img, hidden = self._run_blocks(img, c.txt, vec, index, c.pe, c.ragged, return_hidden, stop_after)
+        c = cond if cond is not None else self._condition(media_ids, txt, txt_mask, drop_txt, packed)
+        levels_of = self._level_slots(levels, index, txt_t, packed, c.txt.shape[1])
+        img, hidden = self._run_blocks(img, c.txt, levels_of, c.pe, c.ragged, return_hidden, stop_after)
         if stop_after is not None:
             return MMDiTOutput(None, hidden)
-        out = self.final(img, vec[:, 1:], index, lengths)
+        out = self.final(img, levels_of.vec[:, levels_of.media_first :], levels_of.media, lengths)
         if self.params.prediction == "data":
             out = _data_to_velocity(media, out, levels, index)
         return MMDiTOutput(out, hidden)
@@ -144,22 +161,50 @@ class MMDiT(nn.Module):
         media_ids: Tensor,  # [L, 4] or [B, L, 4]
         txt: Tensor | None,  # [B, Lt] ids or [B, Lt, F] features
         txt_mask: Tensor | None = None,  # [B, Lt]
-        drop_txt: Tensor | None = None,  # [B] bool
+        drop_txt: Tensor | None = None,  # [B] or [B, Lt] bool
+        packed: Packed | None = None,
     ) -> Condition:
         """The caption embedding, its mask and the rotary tables: the step-independent part of forward."""
-        return self._condition(media_ids, txt, txt_mask, drop_txt)
+        return self._condition(media_ids, txt, txt_mask, drop_txt, packed)
 
     def _condition(
-        self, media_ids: Tensor, txt: Tensor | None, txt_mask: Tensor | None, drop_txt: Tensor | None
+        self,
+        media_ids: Tensor,
+        txt: Tensor | None,
+        txt_mask: Tensor | None,
+        drop_txt: Tensor | None,
+        packed: Packed | None = None,
     ) -> Condition:  # forward's own call: a sharded (FSDP2) model hooks `condition`, not this
         if txt is None:
             raise ValueError("give txt, or a precomputed cond")
         txt_h, mask = self._embed_text(txt, txt_mask, drop_txt)
         b, n = txt_h.shape[0], media_ids.shape[-2]
+        if packed is not None:  # attention within each sample; each caption counts its own positions
+            segment = packed.txt_segment if mask is None else torch.where(mask, packed.txt_segment, -1)
+            ragged = ragged_segments(torch.cat([segment, packed.media_segment], dim=1))
+            ids = torch.cat([packed.txt_ids, media_ids.expand(b, -1, -1)], dim=1)
+            return Condition(txt_h, mask, self.pe(ids), ragged)
         ragged = None  # padded caption tokens take no part in attention (models/attention.py)
         if mask is not None:
             ragged = ragged_rows(torch.cat([mask, mask.new_ones(b, n)], dim=1))  # [B, Lt + L]
         return Condition(txt_h, mask, self.pe(_joint_ids(txt_h.shape[1], media_ids, b)), ragged)
+
+    def _level_slots(
+        self, levels: Tensor, index: Tensor | None, txt_t: Tensor | None, packed: Packed | None, lt: int
+    ) -> LevelSlots:
+        """The conditioning vectors of the distinct levels and which one each token takes. Unpacked: the
+        text stream's level txt_t [B] first (default: the single level), then the media levels. Packed:
+        the media levels only; each text token takes its sample's level (`packed.txt_level`)."""
+        if packed is not None:
+            if index is None:
+                raise ValueError("packed rows need t [B, K] with t_index")
+            return LevelSlots(self.time_in(levels), packed.txt_level, index, 0)
+        if txt_t is None:
+            if levels.shape[1] != 1:
+                raise ValueError("per-token levels need an explicit txt_t for the text stream")
+            txt_t = levels[:, 0]
+        vec = self.time_in(torch.cat([txt_t[:, None], levels], dim=1))  # [B, 1 + K, D]
+        return LevelSlots(vec, None, index, 1)
 
     def _embed_media(self, media: dict[str, Tensor]) -> tuple[Tensor, dict[str, int]]:
         unknown = set(media) - set(self.media_in)
@@ -189,29 +234,27 @@ class MMDiT(nn.Module):
             raise ValueError(f"this model takes text {kind}, got a tensor of shape {tuple(txt.shape)}")
         h = self.txt_in(txt)  # [B, Lt, D]
         if drop_txt is not None:
-            drop = drop_txt.view(-1, 1, 1)
-            h = torch.where(drop, self.null_txt.to(h.dtype), h)
+            drop = drop_txt.view(h.shape[0], -1)  # [B, 1] per caption or [B, Lt] per token (packed)
+            h = torch.where(drop[..., None], self.null_txt.to(h.dtype), h)
             if txt_mask is not None:  # a dropped caption reveals nothing, not even its length
-                txt_mask = txt_mask | drop_txt.view(-1, 1)
+                txt_mask = txt_mask | drop
         return h, txt_mask
 
     def _run_blocks(
         self,
         img: Tensor,  # [B, L, D]
         txt: Tensor,  # [B, Lt, D]
-        vec: Tensor,  # [B, 1 + K, D]: text level first, then the media levels
-        index: Tensor | None,  # [B, L] media level of each token, None if K == 1
+        slots: LevelSlots,  # per-level conditioning and each token's level
         pe: tuple[Tensor, Tensor],
         ragged: Ragged | None,  # over [text; media]
         return_hidden: Sequence[int],
         stop_after: int | None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
         _check_taps(return_hidden, stop_after, self.params.depth)
-        b, lt, n = img.shape[0], txt.shape[1], img.shape[1]
-        media_index = index + 1 if index is not None else vec.new_ones(b, n, dtype=torch.long)
-        joint_index = torch.cat([media_index.new_zeros(b, lt), media_index], dim=1)  # [B, Lt + L]
-        img_mod, txt_mod = self.img_mod(vec[:, 1:], index), self.txt_mod(vec[:, :1], None)
-        (single_mod,) = self.single_mod(vec, joint_index)
+        lt, vec, first = txt.shape[1], slots.vec, slots.media_first
+        img_mod = self.img_mod(vec[:, first:], slots.media)
+        txt_mod = self.txt_mod(vec, slots.txt) if slots.txt is not None else self.txt_mod(vec[:, :1], None)
+        (single_mod,) = self.single_mod(vec, slots.joint(img.shape[0], lt, img.shape[1]))
         hidden, last = {}, stop_after or self.params.depth
         for i, block in enumerate(self.double_blocks, start=1):
             img, txt = self._call(block, img, txt, img_mod, txt_mod, pe, ragged)
