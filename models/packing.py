@@ -26,14 +26,20 @@ from torch import Tensor
 class Packed:
     txt_segment: Tensor  # [B, Lt] long: the sample (within its row) of each text slot; -1 = no sample
     media_segment: Tensor  # [B, L] long: the sample of each media token (modality-major, as `media`)
-    txt_level: Tensor  # [B, Lt] long: the level in t [B, K] each text slot is modulated with
     txt_ids: Tensor  # [B, Lt, 4] text positions: each caption counts from 0 along the l axis
+    levels_per_sample: int = 1  # K: sample i's levels are t[:, K i : K (i + 1)], its base level first
+
+    @property
+    def txt_level(self) -> Tensor:
+        """[B, Lt] the level in t each text slot is modulated with: its sample's base level."""
+        return self.txt_segment.clamp(min=0) * self.levels_per_sample
 
 
 @dataclass
 class Sample:
     """One sample as the model takes it unpacked (batch 1): media {modality: [1, L_m, C]}, media ids
-    [L, 4], caption ids [1, Lt] with mask [1, Lt], levels t [1, K] with t_index [1, L], drop [1]."""
+    [L, 4], caption ids [1, Lt] with mask [1, Lt], levels t [1, K] (the caption's level first) with
+    t_index [1, L], drop [1]."""
 
     media: dict[str, Tensor]
     ids: Tensor
@@ -42,7 +48,6 @@ class Sample:
     t: Tensor
     t_index: Tensor
     drop: Tensor
-    txt_level: int = 0  # which of its K levels the caption is modulated with (the base level t)
 
 
 def _media_order(samples: list[Sample]) -> list[str]:
@@ -60,7 +65,9 @@ def pack_samples(
     order, k_offset = _media_order(samples), 0
     media: dict[str, list[Tensor]] = {m: [] for m in order}
     ids, segment, t_index = {m: [] for m in order}, {m: [] for m in order}, {m: [] for m in order}
-    txt_segment, txt_level, txt_ids, drop = [], [], [], []
+    txt_segment, txt_ids, drop = [], [], []
+    if len({s.t.shape[1] for s in samples}) != 1:
+        raise ValueError("every sample of a packed row needs the same number of levels")
     for i, s in enumerate(samples):
         start = 0
         for m, x in s.media.items():  # the sample's own modality order gives its slice of ids / t_index
@@ -72,14 +79,14 @@ def pack_samples(
             start += n
         lt = s.txt.shape[1]
         txt_segment.append(torch.full((1, lt), i, dtype=torch.long))
-        txt_level.append(torch.full((1, lt), k_offset + s.txt_level, dtype=torch.long))
         position = torch.zeros(1, lt, 4, dtype=s.ids.dtype)
         position[..., 3] = torch.arange(lt, dtype=s.ids.dtype)
         txt_ids.append(position)
         drop.append(s.drop.view(1, 1).expand(1, lt))
         k_offset += s.t.shape[1]
     cat = lambda parts, dim=1: torch.cat(parts, dim=dim)  # noqa: E731
-    packed = Packed(cat(txt_segment), cat([cat(segment[m]) for m in order]), cat(txt_level), cat(txt_ids))
+    media_segment = cat([cat(segment[m]) for m in order])
+    packed = Packed(cat(txt_segment), media_segment, cat(txt_ids), samples[0].t.shape[1])
     flat_ids = cat([cat(ids[m], 0) for m in order], 0)[None]  # [1, L, 4]
     return (
         {m: cat(media[m]) for m in order},

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from selfflow.configs.schema import ObjectiveConfig
 from selfflow.models import flow
 from selfflow.models.heads import ProjectorHead, REPAProjector
 from selfflow.models.mmdit import MMDiT, MMDiTOutput
+from selfflow.models.packing import Packed
 
 DEFAULT_GAMMA = {"vanilla": 0.0, "dts_only": 0.0, "self_flow": 0.8, "sra": 0.5, "repa": 0.5}
 
@@ -40,6 +41,13 @@ class Batch:
     txt: Tensor  # [B, Lt] token ids (or [B, Lt, F] encoder features)
     txt_mask: Tensor | None = None  # [B, Lt] bool
     task: str = "image"  # image | video | audio | av: selects p(t)
+    # several samples in one row (models/packing.py): then media, ids, txt are that row's ([1, ...])
+    packed: Packed | None = None
+    sample_tasks: tuple[str, ...] = ()  # packed: each sample's task, in sample order
+
+    @property
+    def samples(self) -> int:
+        return len(self.sample_tasks) if self.packed is not None else self.txt.shape[0]
 
 
 @dataclass
@@ -53,7 +61,7 @@ class Models:
 
 @dataclass
 class ObjectiveOutput:
-    loss: Tensor  # [B] per-sample total loss
+    loss: Tensor  # [B] per-sample total loss (packed: [samples])
     levels: Tensor  # [B, K] the sampled levels: (t,) or (t, s) per sample
     metrics: dict[str, Tensor] = field(default_factory=dict)  # batch means, kept on device
     loss_gen: Tensor | None = None  # [B] per-sample velocity loss (for loss-per-t-bin logging)
@@ -87,16 +95,50 @@ def make_head(name: str, dim: int, feature_dim: int = 0) -> nn.Module | None:
 # ---------------------------------------------------------------- shared pieces
 
 
+def sample_levels(batch: Batch, gen: torch.Generator, cfg: ObjectiveConfig) -> Tensor:
+    """One level per sample [B] from its task's p(t) (packed: sample by sample)."""
+    if batch.packed is None:
+        return cfg.timesteps[batch.task].sample((batch.samples,), generator=gen, device=gen.device)
+    return torch.cat(
+        [cfg.timesteps[task].sample((1,), generator=gen, device=gen.device) for task in batch.sample_tasks]
+    )
+
+
 def _common_draws(batch: Batch, gen: torch.Generator, cfg: ObjectiveConfig) -> tuple[Tensor, dict, Tensor]:
     """t [B] from the task's p(t), eps per modality, and the caption-dropout decision [B] bool."""
-    b = batch.txt.shape[0]
-    t = cfg.timesteps[batch.task].sample((b,), generator=gen, device=gen.device)
+    t = sample_levels(batch, gen, cfg)
     eps = {
         m: torch.randn(x.shape, generator=gen, device=gen.device, dtype=x.dtype)
         for m, x in batch.media.items()
     }
-    drop = torch.rand(b, generator=gen, device=gen.device) < cfg.caption_dropout
+    drop = torch.rand(batch.samples, generator=gen, device=gen.device) < cfg.caption_dropout
     return t, eps, drop
+
+
+def _model_inputs(
+    batch: Batch, levels: Tensor, index: Tensor | None, drop: Tensor
+) -> tuple[Tensor, Tensor, dict]:
+    """(the noise level of every sample [B] or token [B, L], the model's t, its other keyword arguments)
+    for levels [B, K] and the per-token choice among each sample's K levels index [B, L] (None: K == 1)."""
+    if batch.packed is None:
+        tau = levels[:, 0] if index is None else levels.gather(1, index)  # [B] or [B, L]
+        txt_t = None if index is None else levels[:, 0]
+        t = levels[:, 0] if index is None else levels
+        return tau, t, dict(t_index=index, txt_t=txt_t, txt_mask=batch.txt_mask, drop_txt=drop)
+    k = levels.shape[1]
+    flat = levels.reshape(1, -1)  # [1, n K]
+    t_index = batch.packed.media_segment * k + (index if index is not None else 0)  # [1, L]
+    packed = replace(batch.packed, levels_per_sample=k)
+    drop_slots = drop[batch.packed.txt_segment.clamp(min=0)]  # [1, Lt]: each caption slot, its sample's
+    kwargs = dict(t_index=t_index, txt_mask=batch.txt_mask, drop_txt=drop_slots, packed=packed)
+    return flat.gather(1, t_index), flat, kwargs
+
+
+def _per_sample(batch: Batch, per_token: Tensor, weight: Tensor) -> Tensor:
+    """Packed: per-token sums [1, L] and their weights [1, L] -> per-sample weighted means [samples]."""
+    segment = batch.packed.media_segment[0]
+    zeros = per_token.new_zeros(batch.samples)
+    return zeros.index_add(0, segment, per_token[0]) / zeros.index_add(0, segment, weight[0])
 
 
 def _noised(x0: dict[str, Tensor], eps: dict[str, Tensor], tau: Tensor) -> dict[str, Tensor]:
@@ -107,8 +149,16 @@ def _noised(x0: dict[str, Tensor], eps: dict[str, Tensor], tau: Tensor) -> dict[
     return {m: flow.interpolate(x, eps[m], p) for (m, x), p in zip(x0.items(), parts, strict=True)}
 
 
-def velocity_mse(pred: dict[str, Tensor], x0: dict[str, Tensor], eps: dict[str, Tensor]) -> Tensor:
-    """Per-sample mean squared velocity error over every media token and channel -> [B]."""
+def velocity_mse(
+    pred: dict[str, Tensor], x0: dict[str, Tensor], eps: dict[str, Tensor], batch: Batch | None = None
+) -> Tensor:
+    """Per-sample mean squared velocity error over every media token and channel -> [B] (a packed
+    `batch`: per sample of its row)."""
+    if batch is not None and batch.packed is not None:
+        sq = torch.cat([(pred[m].float() - flow.velocity_target(x, eps[m]).float()).pow(2).sum(-1)
+                        for m, x in x0.items()], dim=1)  # fmt: skip
+        channels = torch.cat([torch.full(x.shape[:2], x.shape[2], device=sq.device) for x in x0.values()], 1)
+        return _per_sample(batch, sq, channels.float())
     sq = sum(
         (pred[m].float() - flow.velocity_target(x, eps[m]).float()).pow(2).flatten(1).sum(1)
         for m, x in x0.items()
@@ -116,9 +166,13 @@ def velocity_mse(pred: dict[str, Tensor], x0: dict[str, Tensor], eps: dict[str, 
     return sq / sum(x[0].numel() for x in x0.values())
 
 
-def cosine_to_target(pred: Tensor, target: Tensor) -> Tensor:
-    """Per-sample mean over tokens of cos(pred_i, target_i) over the hidden dim -> [B] (Self-Flow Eq. 6)."""
-    return F.cosine_similarity(pred.float(), target.float(), dim=-1).mean(1)
+def cosine_to_target(pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    """Per-sample mean over tokens of cos(pred_i, target_i) over the hidden dim -> [B] (Self-Flow Eq. 6;
+    a packed `batch`: per sample of its row)."""
+    cos = F.cosine_similarity(pred.float(), target.float(), dim=-1)  # [B, L]
+    if batch is not None and batch.packed is not None:
+        return _per_sample(batch, cos, torch.ones_like(cos))
+    return cos.mean(1)
 
 
 def _teacher_alignment(
@@ -135,18 +189,11 @@ def _teacher_alignment(
     the teacher seeing the same x0 and eps noised uniformly at tau [B] (its text stream at tau too)."""
     if models.teacher is None or models.head is None:
         raise ValueError("this objective needs models.teacher (the EMA) and models.head")
+    token_tau, t, kwargs = _model_inputs(batch, tau[:, None], None, drop)
     with torch.no_grad():
-        target = models.teacher(
-            _noised(x0, eps, tau),
-            batch.ids,
-            tau,
-            batch.txt,
-            txt_mask=batch.txt_mask,
-            drop_txt=drop,
-            return_hidden=(k,),
-            stop_after=k,
-        ).hidden[k]  # [B, L, D]
-    return cosine_to_target(models.head(student_hidden), target)
+        noised = _noised(x0, eps, token_tau)
+        target = models.teacher(noised, batch.ids, t, batch.txt, return_hidden=(k,), stop_after=k, **kwargs)
+    return cosine_to_target(models.head(student_hidden), target.hidden[k], batch)  # target [B, L, D]
 
 
 def _output(
@@ -171,18 +218,9 @@ def _student_forward(
 ) -> MMDiTOutput:
     """The student on the batch noised at levels [B] (or [B, K] with a per-token index [B, L]); its text
     stream is modulated with the base level t = levels[:, 0]."""
-    tau = levels if index is None else levels.gather(1, index)  # [B] or [B, L]
-    txt_t = None if index is None else levels[:, 0]
+    tau, t, kwargs = _model_inputs(batch, levels if levels.dim() == 2 else levels[:, None], index, drop)
     return models.student(
-        _noised(batch.media, eps, tau),
-        batch.ids,
-        levels,
-        batch.txt,
-        t_index=index,
-        txt_t=txt_t,
-        txt_mask=batch.txt_mask,
-        drop_txt=drop,
-        return_hidden=hidden,
+        _noised(batch.media, eps, tau), batch.ids, t, batch.txt, return_hidden=hidden, **kwargs
     )
 
 
@@ -192,7 +230,7 @@ def _student_forward(
 def vanilla(models: Models, batch: Batch, gen: torch.Generator, cfg: ObjectiveConfig) -> ObjectiveOutput:
     t, eps, drop = _common_draws(batch, gen, cfg)
     out = _student_forward(models, batch, eps, t, drop)
-    return _output("vanilla", cfg, velocity_mse(out.velocity, batch.media, eps), None, t[:, None])
+    return _output("vanilla", cfg, velocity_mse(out.velocity, batch.media, eps, batch), None, t[:, None])
 
 
 def draw_second_level(
@@ -200,7 +238,7 @@ def draw_second_level(
 ) -> tuple[Tensor, Tensor]:
     """Self-Flow's second level s [B] ~ p(t), drawn independently of t (not sorted), and the token mask
     [B, L] bool: each media token takes s with its modality's probability R_M (Bernoulli), else t."""
-    s = cfg.timesteps[batch.task].sample(t.shape, generator=gen, device=gen.device)
+    s = sample_levels(batch, gen, cfg)
     mask = [
         torch.rand(x.shape[:2], generator=gen, device=gen.device) < cfg.mask_ratio[m]
         for m, x in batch.media.items()
@@ -222,7 +260,7 @@ def _dual_timestep(
     if with_teacher:
         tau = flow.cleaner_level(t, s)
         cos = _teacher_alignment(models, batch, batch.media, eps, tau, drop, out.hidden[ls], k)
-    result = _output(name, cfg, velocity_mse(out.velocity, batch.media, eps), cos, levels)
+    result = _output(name, cfg, velocity_mse(out.velocity, batch.media, eps, batch), cos, levels)
     result.metrics["mask_frac"] = mask.float().mean()
     return result
 
@@ -235,20 +273,27 @@ def self_flow(models: Models, batch: Batch, gen: torch.Generator, cfg: Objective
     return _dual_timestep("self_flow", models, batch, gen, cfg)
 
 
+def draw_gap(t: Tensor, gen: torch.Generator, cfg: ObjectiveConfig) -> Tensor:
+    """SRA's teacher offset [B] ~ U(0, sra_max_gap): the teacher sees t - gap."""
+    return torch.rand(t.shape, generator=gen, device=gen.device) * cfg.sra_max_gap
+
+
 def sra(models: Models, batch: Batch, gen: torch.Generator, cfg: ObjectiveConfig) -> ObjectiveOutput:
     t, eps, drop = _common_draws(batch, gen, cfg)
-    gap = torch.rand(t.shape, generator=gen, device=gen.device) * cfg.sra_max_gap
+    gap = draw_gap(t, gen, cfg)
     ls, k = _layers(cfg, models.student.params.depth)
     out = _student_forward(models, batch, eps, t, drop, hidden=(ls,))
     cos = _teacher_alignment(
         models, batch, batch.media, eps, (t - gap).clamp(0.0, 1.0), drop, out.hidden[ls], k
     )
-    return _output("sra", cfg, velocity_mse(out.velocity, batch.media, eps), cos, t[:, None])
+    return _output("sra", cfg, velocity_mse(out.velocity, batch.media, eps, batch), cos, t[:, None])
 
 
 def repa(models: Models, batch: Batch, gen: torch.Generator, cfg: ObjectiveConfig) -> ObjectiveOutput:
     if models.encoder is None or models.head is None:
         raise ValueError("repa needs models.encoder (frozen features on the token grid) and models.head")
+    if batch.packed is not None:
+        raise ValueError("repa does not take packed batches yet (its encoder reads whole images)")
     t, eps, drop = _common_draws(batch, gen, cfg)
     ls, _ = _layers(cfg, models.student.params.depth)
     out = _student_forward(models, batch, eps, t, drop, hidden=(ls,))
