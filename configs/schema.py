@@ -204,8 +204,14 @@ class DataConfig:
     open_retries: int = 3  # a URL shard that fails is opened again this often (waits 1, 2, 4 s ...)
     retry_wait_s: float = 1.0
     allow_changed_shards: bool = False  # resume into a shard list that differs from the checkpoint's
+    # sequence packing: each batch is one row of samples of any task the weights draw, up to
+    # tokens_per_batch media + caption tokens; attention stays within each sample (models/packing.py)
+    pack: bool = False
+    tokens_per_batch: int = 0  # the budget of a packed batch (replaces train.batch_size / batch_sizes)
 
     def __post_init__(self) -> None:
+        if self.pack and self.tokens_per_batch <= 0:
+            raise ConfigError("data.pack needs data.tokens_per_batch > 0 (media + caption tokens per batch)")
         if self.image_fit not in ("crop", "pad"):
             raise ConfigError(f"data.image_fit {self.image_fit!r} is not one of crop, pad")
         if not self.worker_timeout_s > 0:

@@ -56,11 +56,13 @@ from selfflow.tokenizers.spec import ClipSpec
 
 @dataclass
 class MediaBatch:
-    task: str
+    task: str  # the task of every sample, or "packed"
     media: dict[str, Tensor]  # image [B, C, H, W], video [B, C, T, H, W], audio [B, C, N]; float32 in [-1, 1]
     captions: list[str]
     keys: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # ("shard:key", reason) met on the way
+    # packed: each sample's task, in order; media[m] stacks, in sample order, the samples that have m
+    tasks: tuple[str, ...] = ()
 
 
 def available_tasks(
@@ -120,6 +122,8 @@ class DataPipeline:
         workers: int = 1,
         task_shards: dict[str, str] | None = None,
         allow_changed_shards: bool = False,
+        tokens_per_batch: int = 0,
+        text_tokens: int = 0,
         **options: Any,
     ) -> None:
         if options.get("image_fit", "crop") not in FITS:
@@ -141,6 +145,15 @@ class DataPipeline:
             weights[t] for t in self.tasks
         )
         self.batch_sizes = {t: int((batch_sizes or {}).get(t, batch_size)) for t in self.tasks}
+        # packing (tokens_per_batch > 0): what one sample of each task costs of the budget
+        self.tokens_per_batch = tokens_per_batch
+        self.sample_tokens = {
+            t: sum(spec.tokens(m) for m in TASK_MODALITIES[t]) + text_tokens for t in self.tasks
+        }
+        if tokens_per_batch and max(self.sample_tokens.values()) > tokens_per_batch:
+            raise DataError(
+                f"data.tokens_per_batch={tokens_per_batch} is below one sample: {self.sample_tokens}"
+            )
         self.seed, self.rank, self.worker, self.batches = seed, rank, worker, 0
         self.allow_changed_shards = allow_changed_shards
         proc = {"rank": rank, "world": world, "worker": worker, "workers": workers}
@@ -161,16 +174,33 @@ class DataPipeline:
         rng = np.random.default_rng([self.seed, 0, self.worker, self.batches])
         return self.tasks[int(rng.choice(len(self.tasks), p=self.probs))]
 
+    def packed_tasks(self) -> list[str]:
+        """The tasks of the next packed batch, in order: drawn one sample at a time by weight from RNG
+        (seed, 1, worker, batch index), the same on every rank, until the next draw would not fit."""
+        rng = np.random.default_rng([self.seed, 1, self.worker, self.batches])
+        chosen, used = [], 0
+        while True:
+            task = self.tasks[int(rng.choice(len(self.tasks), p=self.probs))]
+            if chosen and used + self.sample_tokens[task] > self.tokens_per_batch:
+                return chosen
+            chosen.append(task)
+            used += self.sample_tokens[task]
+
     def __next__(self) -> MediaBatch:
-        task = self.next_task()
-        stream = self.streams[task]
-        samples = [next(stream) for _ in range(self.batch_sizes[task])]
+        tasks = self.packed_tasks() if self.tokens_per_batch else None
+        if tasks is None:
+            task = self.next_task()
+            tasks = [task] * self.batch_sizes[task]
+        samples = [next(self.streams[task]) for task in tasks]
         self.batches += 1
-        media = {m: torch.from_numpy(np.stack([s.media[m] for s in samples])) for m in TASK_MODALITIES[task]}
+        media = _stack(samples, tasks)
         skipped = [fault for s in self.streams.values() for fault in s.recent]
         for s in self.streams.values():
             s.recent = []
-        return MediaBatch(task, media, [s.caption for s in samples], [s.key for s in samples], skipped)
+        captions, keys = [s.caption for s in samples], [s.key for s in samples]
+        if self.tokens_per_batch:
+            return MediaBatch("packed", media, captions, keys, skipped, tuple(tasks))
+        return MediaBatch(tasks[0], media, captions, keys, skipped)
 
     @property
     def skipped_count(self) -> int:
@@ -190,6 +220,16 @@ class DataPipeline:
         self.batches = int(state["batches"])
         for t, s in state["streams"].items():
             self.streams[t].load_state_dict(s)
+
+
+def _stack(samples: list[Any], tasks: list[str]) -> dict[str, Tensor]:
+    """{modality: [n_m, ...]}: each modality's arrays of the samples that have it, in sample order."""
+    media = {}
+    for m in ("image", "video", "audio"):
+        arrays = [s.media[m] for s, t in zip(samples, tasks, strict=True) if m in TASK_MODALITIES[t]]
+        if arrays:
+            media[m] = torch.from_numpy(np.stack(arrays))
+    return media
 
 
 def next_epoch_state(saved: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ caption counts from 0, media ids as the tokenizer gives them), same levels, same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -50,54 +50,69 @@ class Sample:
     drop: Tensor
 
 
-def _media_order(samples: list[Sample]) -> list[str]:
-    order: list[str] = []
-    for s in samples:
-        order += [m for m in s.media if m not in order]
-    return order
+def pack_tokens(
+    tokens: dict[str, Tensor],
+    ids: dict[str, Tensor],
+    modalities: list[tuple[str, ...]],
+    txt: Tensor,
+    mask: Tensor,
+) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Packed]:
+    """Samples stacked per modality (tokens[m] [n_m, L_m, C_m] in sample order; ids[m] [L_m, 4]; sample
+    i has `modalities[i]`) and their captions txt [n, Lt] (or [n, Lt, F]) with mask [n, Lt] -> one
+    packed row: (media {m: [1, n_m L_m, C_m]}, media ids [1, L, 4], txt [1, n Lt], mask [1, n Lt],
+    Packed with one level per sample)."""
+    n, lt, device = txt.shape[0], txt.shape[1], txt.device
+    owners = {m: [i for i, mods in enumerate(modalities) if m in mods] for m in tokens}
+    media = {m: x.reshape(1, -1, x.shape[-1]) for m, x in tokens.items()}
+    media_segment = torch.cat(
+        [torch.tensor(owners[m], device=device).repeat_interleave(x.shape[1]) for m, x in tokens.items()]
+    )
+    flat_ids = torch.cat([ids[m].to(device).repeat(len(owners[m]), 1) for m in tokens])
+    txt_ids = torch.zeros(n * lt, 4, dtype=flat_ids.dtype, device=device)
+    txt_ids[:, 3] = torch.arange(lt, device=device).repeat(n)  # each caption counts from 0 along l
+    txt_segment = torch.arange(n, device=device).repeat_interleave(lt)
+    packed = Packed(txt_segment[None], media_segment[None], txt_ids[None])
+    return media, flat_ids[None], txt.reshape(1, n * lt, *txt.shape[2:]), mask.reshape(1, n * lt), packed
 
 
 def pack_samples(
     samples: list[Sample],
 ) -> tuple[dict, Tensor, Tensor, Tensor, Packed, Tensor, Tensor, Tensor]:
-    """One packed row from `samples`: (media, media ids [1, L, 4], txt [1, Lt], mask [1, Lt], Packed,
-    t [1, K], t_index [1, L], drop [1, Lt] per text slot)."""
-    order, k_offset = _media_order(samples), 0
-    media: dict[str, list[Tensor]] = {m: [] for m in order}
-    ids, segment, t_index = {m: [] for m in order}, {m: [] for m in order}, {m: [] for m in order}
-    txt_segment, txt_ids, drop = [], [], []
-    if len({s.t.shape[1] for s in samples}) != 1:
+    """One packed row from `samples` (batch 1 each): pack_tokens' (media, ids, txt, mask, Packed with
+    their K levels each), then t [1, n K], t_index [1, L] and drop [1, n Lt] per caption slot."""
+    k = samples[0].t.shape[1]
+    if any(s.t.shape[1] != k for s in samples):
         raise ValueError("every sample of a packed row needs the same number of levels")
-    for i, s in enumerate(samples):
-        start = 0
-        for m, x in s.media.items():  # the sample's own modality order gives its slice of ids / t_index
-            n = x.shape[1]
-            media[m].append(x)
-            ids[m].append(s.ids[start : start + n])
-            t_index[m].append(s.t_index[:, start : start + n] + k_offset)
-            segment[m].append(torch.full((1, n), i, dtype=torch.long))
-            start += n
-        lt = s.txt.shape[1]
-        txt_segment.append(torch.full((1, lt), i, dtype=torch.long))
-        position = torch.zeros(1, lt, 4, dtype=s.ids.dtype)
-        position[..., 3] = torch.arange(lt, dtype=s.ids.dtype)
-        txt_ids.append(position)
-        drop.append(s.drop.view(1, 1).expand(1, lt))
-        k_offset += s.t.shape[1]
-    cat = lambda parts, dim=1: torch.cat(parts, dim=dim)  # noqa: E731
-    media_segment = cat([cat(segment[m]) for m in order])
-    packed = Packed(cat(txt_segment), media_segment, cat(txt_ids), samples[0].t.shape[1])
-    flat_ids = cat([cat(ids[m], 0) for m in order], 0)[None]  # [1, L, 4]
-    return (
-        {m: cat(media[m]) for m in order},
-        flat_ids,
-        cat([s.txt for s in samples]),
-        cat([s.mask for s in samples]),
-        packed,
-        cat([s.t for s in samples]),
-        cat([cat(t_index[m]) for m in order]),
-        cat(drop),
+    spans = [_spans(s) for s in samples]
+    order = list(dict.fromkeys(m for s in samples for m in s.media))
+    tokens = {m: torch.cat([s.media[m] for s in samples if m in s.media]) for m in order}
+    ids = {
+        m: next(s.ids[slice(*sp[m])] for s, sp in zip(samples, spans, strict=True) if m in sp) for m in order
+    }
+    modalities = [tuple(s.media) for s in samples]
+    txt, mask = torch.cat([s.txt for s in samples]), torch.cat([s.mask for s in samples])
+    media, flat_ids, row_txt, row_mask, packed = pack_tokens(tokens, ids, modalities, txt, mask)
+    t_index = torch.cat(
+        [
+            s.t_index[:, slice(*sp[m])] + k * i
+            for m in order
+            for i, (s, sp) in enumerate(zip(samples, spans, strict=True))
+            if m in sp
+        ],
+        dim=1,
     )
+    drop = torch.cat([s.drop.view(1, 1).expand(1, s.txt.shape[1]) for s in samples], dim=1)
+    t = torch.cat([s.t for s in samples], dim=1)
+    return media, flat_ids, row_txt, row_mask, replace(packed, levels_per_sample=k), t, t_index, drop
+
+
+def _spans(sample: Sample) -> dict[str, tuple[int, int]]:
+    """Where each modality's tokens sit in the sample's own [L] order."""
+    spans, start = {}, 0
+    for m, x in sample.media.items():
+        spans[m] = (start, start + x.shape[1])
+        start += x.shape[1]
+    return spans
 
 
 def unpack_media(out: dict[str, Tensor], samples: list[Sample]) -> list[dict[str, Tensor]]:

@@ -35,6 +35,7 @@ from selfflow.models.factory import (
     build_model,
     build_text_conditioner,
 )
+from selfflow.models.packing import pack_tokens
 from selfflow.tokenizers.media import MediaTokenizer
 from selfflow.training import distributed as dist_io
 from selfflow.training.distributed import SINGLE, Dist, any_rank
@@ -146,11 +147,20 @@ def build_trainer(cfg: Config, device: str | torch.device | None = None, dist: D
     )
 
 
-def make_batch(tr: Trainer, media: dict[str, Tensor], captions: list[str]) -> Batch:
-    """Raw media {modality: [B, ...]} + captions -> the objective's Batch on the training device."""
+def make_batch(
+    tr: Trainer, media: dict[str, Tensor], captions: list[str], tasks: tuple[str, ...] = ()
+) -> Batch:
+    """Raw media {modality: [B, ...]} + captions -> the objective's Batch on the training device. With
+    `tasks` (a packed MediaBatch: sample i has task i, media[m] stacks the samples that have m), the
+    samples are packed into one row (models/packing.py)."""
     tokens, ids = tr.media.encode({m: x.to(tr.device, non_blocking=True) for m, x in media.items()})
     txt, mask = tr.encode_text(captions)
-    return Batch(tokens, ids.to(tr.device), txt, mask, task=TASK_OF[tuple(sorted(media))])
+    if not tasks:
+        return Batch(tokens, ids.to(tr.device), txt, mask, task=TASK_OF[tuple(sorted(media))])
+    per_modality = {m: tr.media.position_ids([m]) for m in tokens}
+    modalities = [TASK_MODALITIES[t] for t in tasks]
+    row, row_ids, row_txt, row_mask, packed = pack_tokens(tokens, per_modality, modalities, txt, mask)
+    return Batch(row, row_ids, row_txt, row_mask, task="packed", packed=packed, sample_tasks=tasks)
 
 
 # ---------------------------------------------------------------- the loop
@@ -176,6 +186,8 @@ def build_data(cfg: Config, dist: Dist = SINGLE) -> DataPipeline | WorkerPipelin
         batch_size=cfg.train.batch_size,
     )
     kwargs |= {name: getattr(d, name) for name in _READER_OPTIONS}
+    if d.pack:  # one row of samples of any task per batch, up to the token budget
+        kwargs |= dict(tokens_per_batch=d.tokens_per_batch, text_tokens=cfg.text.max_len)
     if d.num_workers > 0:
         return WorkerPipeline(kwargs, d.num_workers, timeout=d.worker_timeout_s)
     return DataPipeline(**kwargs)
@@ -186,7 +198,7 @@ def data_stream(tr: Trainer, data: DataPipeline | WorkerPipeline) -> Iterator[tu
     pipeline."""
     for item in data:
         tr.skipped = data.skipped_count
-        yield make_batch(tr, item.media, item.captions), item
+        yield make_batch(tr, item.media, item.captions, item.tasks), item
 
 
 def step_batches(
@@ -200,6 +212,12 @@ def step_batches(
         if len(group) < grad_accum:
             return
         yield [b for b, _ in group], [item for _, item in group]
+
+
+def _grid_task(batch: Batch) -> str:
+    """The task the sample grids show: the batch's, or a packed batch's first one that has pictures."""
+    tasks = batch.sample_tasks or (batch.task,)
+    return next((t for t in tasks if t != "audio"), tasks[0])
 
 
 def _draw_grid(tr: Trainer, sampler: Generator, prompts: list[str], task: str, stop: Preemption) -> None:
@@ -325,16 +343,14 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
         for micro, items in step_batches(tr, tr.data, cfg.train.grad_accum):
             batch, keys = micro[0], [key for item in items for key in item.keys]
             prompts = prompts or sorted(set(items[0].captions))
-            grid_task = grid_task or batch.task
+            grid_task = grid_task or _grid_task(batch)
             out = train_step(tr, micro if len(micro) > 1 else batch)
             for where, reason in [s for item in items for s in item.skipped]:  # met while reading the step
                 logger.log(tr.step, {"event": "skipped_sample", "sample": where, "reason": reason})
             if tr.nonfinite_streak:
                 check_nonfinite(tr, out, keys, logger)
             else:
-                meter.add(
-                    out.metrics, out.levels[:, 0], out.loss_gen, batch.ids.shape[0] + batch.txt.shape[1]
-                )
+                meter.add(out.metrics, out.levels[:, 0], out.loss_gen, batch.tokens // batch.samples)
             bar.update(1)
             done = tr.step >= cfg.train.max_steps
             if tr.step % cfg.train.log_every == 0 or done:

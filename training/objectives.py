@@ -49,6 +49,12 @@ class Batch:
     def samples(self) -> int:
         return len(self.sample_tasks) if self.packed is not None else self.txt.shape[0]
 
+    @property
+    def tokens(self) -> int:
+        """Media tokens + caption slots the model processes for this batch."""
+        rows = self.txt.shape[0]
+        return rows * (sum(x.shape[1] for x in self.media.values()) + self.txt.shape[1])
+
 
 @dataclass
 class Models:

@@ -125,5 +125,6 @@ def train_step(tr: Trainer, batch: Batch | list[Batch]) -> ObjectiveOutput:
     tr.step += 1
     tr.samples_seen += out.loss.shape[0]
     for b in micro:
-        tr.task_samples[b.task] = tr.task_samples.get(b.task, 0) + b.txt.shape[0]
+        for task in b.sample_tasks or [b.task] * b.samples:
+            tr.task_samples[task] = tr.task_samples.get(task, 0) + 1
     return out
