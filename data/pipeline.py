@@ -381,7 +381,11 @@ class _ChildWatch:
         self.inside += 1
         if self.pending:
             self.pending = False
-            self.torch_handler(signal.SIGCHLD, None)
+            try:
+                self.torch_handler(signal.SIGCHLD, None)
+            except BaseException:
+                self.inside -= 1  # __exit__ does not run when __enter__ raises
+                raise
 
     def __exit__(self, *exc: object) -> None:
         self.inside -= 1

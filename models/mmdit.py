@@ -196,8 +196,8 @@ class MMDiT(nn.Module):
         text stream's level txt_t [B] first (default: the single level), then the media levels. Packed:
         the media levels only; each text token takes its sample's level (`packed.txt_level`)."""
         if packed is not None:
-            if index is None:
-                raise ValueError("packed rows need t [B, K] with t_index")
+            if index is None or txt_t is not None:
+                raise ValueError("packed rows take t [B, K] with t_index, and no txt_t (packed.txt_level)")
             return LevelSlots(self.time_in(levels), packed.txt_level, index, 0)
         if txt_t is None:
             if levels.shape[1] != 1:

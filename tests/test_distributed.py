@@ -82,6 +82,8 @@ def test_deepspeed_config_comes_from_the_training_config(shards, tmp_path):
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["train_batch_size"] == 8
     accum = deepspeed_config(small_cfg(shards, tmp_path, "train.grad_accum=3"), world=4)
     assert accum["gradient_accumulation_steps"] == 3 and accum["train_batch_size"] == 24
+    with pytest.raises(ConfigError, match="grad_accum > 1 needs a ZeRO stage"):
+        deepspeed_config(small_cfg(shards, tmp_path, "train.grad_accum=2", "dist.zero_stage=0"), world=2)
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 3
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and "optimizer" not in ds
     user = tmp_path / "ds.json"

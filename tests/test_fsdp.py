@@ -131,6 +131,17 @@ def test_a_mixed_task_run_with_accumulation_completes_on_two_ranks(mixed, tmp_pa
     assert last["samples_seen_image"] > 0 and last["samples_seen_audio"] > 0
 
 
+def test_the_bf16_policy_leaves_the_units_inputs_in_their_dtype():
+    """On CUDA units compute in bf16 and reduce in fp32, but the levels t, the fp32 residual stream and
+    the rotary tables reach each block unrounded (autocast, not FSDP, casts the matmuls)."""
+    from selfflow.training.fsdp import mixed_precision
+
+    policy = mixed_precision(torch.device("cuda"), "auto")
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert policy.cast_forward_inputs is False
+    assert mixed_precision(torch.device("cpu"), "auto").param_dtype is None
+
+
 # ---------------------------------------------------------------- worker side (run under torchrun)
 
 

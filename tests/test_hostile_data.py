@@ -320,3 +320,21 @@ def test_a_crafted_tar_header_that_trips_tarfile_is_a_counted_fault(tmp_path):
     assert set(keys) <= {f"s{i:03d}" for i in range(6)}
     assert stream.skipped == {f"{crafted}:*": "unreadable shard from here on: damaged tar header "
                               "(ValueError: invalid literal for int() with base 10: 'zz')"}  # fmt: skip
+
+
+def test_a_deferred_worker_death_raised_on_entry_leaves_the_watch_closed():
+    """A dead worker noticed outside next() raises when next() is entered; the watch must then not
+    stay 'inside', or every later SIGCHLD would raise wherever the main thread is."""
+    from selfflow.data.pipeline import _ChildWatch
+
+    watch = _ChildWatch()
+
+    def dead(signum, frame):
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed.")
+
+    watch.torch_handler = dead
+    watch._on_child(17, None)  # outside next(): only noted
+    assert watch.pending and watch.inside == 0
+    with pytest.raises(RuntimeError, match="killed by signal"), watch:
+        pass
+    assert watch.inside == 0 and not watch.pending

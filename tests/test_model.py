@@ -212,8 +212,8 @@ def test_rope_depends_only_on_relative_position():
 def test_cuda_backends_match_sdpa(tiny_cfg, backend):
     from selfflow.models.attention import backend_available
 
-    if not backend_available(backend):
-        pytest.skip(f"{backend} not installed")
+    if not backend_available("flash"):  # without flash-attn, auto is SDPA: nothing to compare
+        pytest.skip("flash-attn not installed")
     media, ids, txt = joint_batch(tiny_cfg)
     media, ids, txt = {m: x.cuda().bfloat16() for m, x in media.items()}, ids.cuda(), txt.cuda()
     mask = torch.ones_like(txt, dtype=torch.bool)

@@ -154,6 +154,8 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
     optimizer is ours, bf16 is autocast around the forward as in a single process): a user file that
     sets one of them differently is a ConfigError."""
     t = cfg.train
+    if cfg.dist.zero_stage == 0 and t.grad_accum > 1:  # its NaN check would see unreduced gradients
+        raise ConfigError("train.grad_accum > 1 needs a ZeRO stage under DeepSpeed; or use dist.engine=ddp")
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,

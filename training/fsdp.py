@@ -58,9 +58,11 @@ DCP_DIR = "dcp"  # inside a checkpoint folder
 
 def mixed_precision(device: torch.device, precision: str) -> MixedPrecisionPolicy:
     """bf16 compute with fp32 gradient reduction on CUDA (precision auto | bf16); fp32 otherwise."""
+    # the units' floating-point inputs keep their dtype: the levels t, the fp32 residual stream and the
+    # rotary tables would otherwise be rounded to bf16 at every block (autocast does the matmuls in bf16)
     if device.type == "cuda" and precision in ("auto", "bf16"):
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy(cast_forward_inputs=False)
 
 
 def shard_module(module: nn.Module, policy: MixedPrecisionPolicy, reshard_root: bool = False) -> FSDPModule:
@@ -127,23 +129,35 @@ def _emas(tr: Trainer) -> dict[str, EMA]:
     return emas
 
 
-def sharded_state(tr: Trainer) -> dict[str, Any]:
-    """This rank's shards of everything a resume needs, as DCP state dicts (the keys name the parts)."""
+def sharded_state(tr: Trainer, with_optimizer: bool = True) -> dict[str, Any]:
+    """This rank's shards of everything a resume needs, as DCP state dicts (the keys name the parts).
+    torch fills an optimizer without state by taking a zero-lr step (AdamW's step count would then be
+    off by one): an optimizer that has taken no step yet is left out (`with_optimizer`)."""
     both = ObjectiveModule(tr.models.student, tr.models.head)
-    model, optimizer = get_state_dict(both, tr.optimizer)
-    state = {"model": model, "optimizer": optimizer}
+    if with_optimizer:
+        model, optimizer = get_state_dict(both, tr.optimizer)
+        state = {"model": model, "optimizer": optimizer}
+    else:
+        state = {"model": get_model_state_dict(both)}
     return state | {name: get_model_state_dict(ema.model) for name, ema in _emas(tr).items()}
 
 
 def save_sharded(tr: Trainer, folder: Path) -> None:
     """Every rank writes its shards into `folder/dcp/` (DCP fsyncs each file it writes)."""
-    dcp.save(sharded_state(tr), checkpoint_id=str(folder / DCP_DIR))
+    dcp.save(sharded_state(tr, bool(tr.optimizer.state)), checkpoint_id=str(folder / DCP_DIR))
 
 
 def load_sharded(tr: Trainer, ckpt: Path) -> None:
     """Read `ckpt/dcp/` into this job's sharding, whatever the number of processes that wrote it."""
-    state = sharded_state(tr)
     saved = dcp.FileSystemReader(str(ckpt / DCP_DIR)).read_metadata().state_dict_metadata
+    with_optimizer = any(key.startswith("optimizer.") for key in saved)
+    state = sharded_state(tr, with_optimizer)
+    if not with_optimizer:  # saved before the first applied step: the optimizer starts fresh, as it was
+        dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
+        set_model_state_dict(ObjectiveModule(tr.models.student, tr.models.head), state["model"])
+        for name, ema in _emas(tr).items():
+            set_model_state_dict(ema.model, state[name])
+        return
     # AdamW keeps no state for a parameter that never had a gradient (another task's projections): keep
     # it so, rather than the zero state torch's state-dict helpers make up for every parameter
     kept = {k: v for k, v in state["optimizer"]["state"].items() if f"optimizer.state.{k}.step" in saved}

@@ -350,7 +350,8 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
             if tr.nonfinite_streak:
                 check_nonfinite(tr, out, keys, logger)
             else:
-                meter.add(out.metrics, out.levels[:, 0], out.loss_gen, batch.tokens // batch.samples)
+                tokens = sum(b.tokens for b in micro) // sum(b.samples for b in micro)
+                meter.add(out.metrics, out.levels[:, 0], out.loss_gen, tokens)
             bar.update(1)
             done = tr.step >= cfg.train.max_steps
             if tr.step % cfg.train.log_every == 0 or done:

@@ -4,10 +4,11 @@ gradient clip, the update and the EMA(s); the same code for one process and ever
     out = train_step(trainer, batch)            # one micro-batch
     out = train_step(trainer, [b1, b2])         # gradient accumulation: one step over both
 
-Accumulation. Each micro-batch's mean loss is divided by the number of micro-batches, so k micro-batches
-of B samples give the gradient of one batch of k x B (to fp32 rounding). Under DDP and FSDP2 only the
-last micro-batch's backward reduces gradients across ranks (`no_sync` / `set_requires_gradient_sync`);
-under DeepSpeed its engine accumulates (`gradient_accumulation_steps` = `train.grad_accum`).
+Accumulation. Each micro-batch contributes its summed loss over the step's total number of samples, so
+micro-batches of any sizes give the gradient of one batch of all their samples (to fp32 rounding).
+Under DDP and FSDP2 only the last micro-batch's backward reduces gradients across ranks (`no_sync` /
+`set_requires_gradient_sync`; FSDP2 then holds whole fp32 gradients between micro-batches); under
+DeepSpeed its engine accumulates (`gradient_accumulation_steps` = `train.grad_accum`).
 
 Non-finite steps. A NaN / Inf loss or gradient on any rank skips the update, the scheduler and the EMAs
 for every rank (one all-reduce) and counts in `nonfinite` / `nonfinite_streak`.
@@ -52,10 +53,14 @@ def _sync_on(tr: Trainer, last: bool) -> contextlib.AbstractContextManager:
 
 
 def _merge(outs: list[ObjectiveOutput]) -> ObjectiveOutput:
-    """One output for the step: per-sample tensors concatenated, metrics averaged over micro-batches."""
+    """One output for the step: per-sample tensors concatenated, metrics averaged over the samples."""
     if len(outs) == 1:
         return outs[0]
-    metrics = {k: torch.stack([o.metrics[k] for o in outs]).mean() for k in outs[0].metrics}
+    sizes = [o.loss.shape[0] for o in outs]
+    metrics = {
+        k: sum(o.metrics[k] * n for o, n in zip(outs, sizes, strict=True)) / sum(sizes)
+        for k in outs[0].metrics
+    }
     gen = [o.loss_gen for o in outs]
     loss_gen = torch.cat(gen) if all(g is not None for g in gen) else None  # type: ignore[arg-type]
     return ObjectiveOutput(
@@ -67,11 +72,11 @@ def _local_update(tr: Trainer, micro: list[Batch]) -> tuple[ObjectiveOutput, boo
     """Forward and backward of each micro-batch (reduced across ranks in the last), clip; step unless
     any rank saw a NaN / Inf."""
     tr.optimizer.zero_grad(set_to_none=True)
-    outs = []
+    outs, total = [], sum(b.samples for b in micro)
     for i, batch in enumerate(micro):
         with _sync_on(tr, i == len(micro) - 1):
             out = _forward(tr, batch)
-            (out.loss.mean() / len(micro)).backward()
+            (out.loss.sum() / total).backward()  # the mean over the step's samples, whatever the sizes
         outs.append(out)
     out = _merge(outs)
     params = [p for group in tr.optimizer.param_groups for p in group["params"]]
