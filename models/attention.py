@@ -101,8 +101,12 @@ def _ragged_loop(q: Tensor, k: Tensor, v: Tensor, ragged: Ragged) -> Tensor:
     """The same on the CPU: one mask-free SDPA call per sequence (the jagged kernel there is the slow
     math one: about 6x a masked call for a `small` batch; this loop about 1.75x, README Benchmarks)."""
     pairs = zip(ragged.bounds[:-1], ragged.bounds[1:], strict=True)
-    parts = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v))) for a, b in pairs]
-    return torch.cat([p.transpose(0, 1) for p in parts])  # [T, H, Dh]
+    parts = [
+        F.scaled_dot_product_attention(*(x[None, a:b].transpose(1, 2) for x in (q, k, v))) for a, b in pairs
+    ]
+    return torch.cat(
+        [p[0].transpose(0, 1) for p in parts]
+    )  # [T, H, Dh]; 4-D calls reach the CPU flash kernel
 
 
 def _ragged_flash(q: Tensor, k: Tensor, v: Tensor, ragged: Ragged) -> Tensor:

@@ -23,5 +23,6 @@ def test_gpu_check_runs_reduced_on_the_cpu_and_reports_every_column(tmp_path):
         assert row["flops_per_step"] > 0 and row["mfu"] is None  # no bf16 peak for a CPU
         assert any("attention" in k for k in row["attention_kernels"]), row["attention_kernels"]
     assert rows["self_flow"]["flops_per_step"] > rows["vanilla"]["flops_per_step"]  # + teacher, projector
-    assert rows["self_flow_over_vanilla"] > 0
+    assert rows["self_flow_over_vanilla"] > 0 and rows["packed_over_unpacked"] > 0
+    assert rows["self_flow_packed"]["flops_per_step"] == rows["self_flow"]["flops_per_step"]
     assert "| tiny | self_flow / vanilla |" in done.stdout

@@ -9,8 +9,9 @@ For each preset and objective (`vanilla`, `self_flow`) on random image batches: 
 training FLOPs per step from `tools/model_info.py`'s counter (matmuls and attention), achieved TFLOP/s
 and MFU against the device's dense bf16 peak (`--peak-tflops` for a device not in the table), peak
 memory, and the attention kernels the profiler saw. The `self_flow` / `vanilla` step-time ratio is
-given per preset. `4b` runs with activation checkpointing, and only when its training state (20 bytes
-per parameter) fits the device. Packed batches are not built yet: their row says so.
+given per preset, and `self_flow_packed`: the same images packed into one row (data.pack's layout,
+attention kept per sample), with its tokens/s over the unpacked batch's. `4b` runs with activation
+checkpointing, and only when its training state (20 bytes per parameter) fits the device.
 """
 
 from __future__ import annotations
@@ -74,10 +75,15 @@ def flops_per_sample(cfg: Any, objective: str) -> int:
     return counts["total"] if objective == "self_flow" else counts["student_fwd_bwd"]
 
 
-def time_objective(preset: str, objective: str, args: argparse.Namespace, extra: list[str]) -> dict:
+def time_objective(
+    preset: str, objective: str, args: argparse.Namespace, extra: list[str], packed: bool = False
+) -> dict:
+    """One row of the table; `packed`: the same images packed into one row (attention per sample)."""
     cfg = load_config(preset, [f"objective.name={objective}", f"train.device={args.device}", *extra])
     tr = build_trainer(cfg)
-    batch = make_batch(tr, random_media(cfg.spec, "image", args.batch), ["a photo of a bag"] * args.batch)
+    tasks = ("image",) * args.batch if packed else ()
+    media, captions = random_media(cfg.spec, "image", args.batch), ["a photo of a bag"] * args.batch
+    batch = make_batch(tr, media, captions, tasks)
     train_step(tr, batch)  # warm-up: allocation, kernel selection
     if tr.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(tr.device)
@@ -136,8 +142,10 @@ def check(args: argparse.Namespace) -> dict:
             out["presets"][preset] = {"skipped": reason}
             continue
         rows = {name: time_objective(preset, name, args, extra) for name in ("vanilla", "self_flow")}
+        rows["self_flow_packed"] = time_objective(preset, "self_flow", args, extra, packed=True)
         ratio = rows["self_flow"]["seconds_per_step"] / rows["vanilla"]["seconds_per_step"]
-        out["presets"][preset] = {**rows, "self_flow_over_vanilla": ratio, "packed": "not built yet"}
+        packed = rows["self_flow_packed"]["tokens_per_s"] / rows["self_flow"]["tokens_per_s"]
+        out["presets"][preset] = {**rows, "self_flow_over_vanilla": ratio, "packed_over_unpacked": packed}
         print(f"{preset}: done", file=sys.stderr)
     return out
 
@@ -150,7 +158,7 @@ def table(result: dict) -> str:
         if "skipped" in rows:
             lines.append(f"| {preset} | — | skipped: {rows['skipped']} | | | | | |")
             continue
-        for name in ("vanilla", "self_flow"):
+        for name in ("vanilla", "self_flow", "self_flow_packed"):
             r = rows[name]
             mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "—"
             mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "—"
@@ -158,6 +166,9 @@ def table(result: dict) -> str:
             lines.append(f"| {preset} | {name} | {r['seconds_per_step']:.3f} | {r['tokens_per_s']:.0f} | "
                          f"{r['tflops']:.2f} | {mfu} | {mem} | {kernels} |")  # fmt: skip
         lines.append(f"| {preset} | self_flow / vanilla | {rows['self_flow_over_vanilla']:.2f} | | | | | |")
+        lines.append(
+            f"| {preset} | packed / unpacked tokens/s | {rows['packed_over_unpacked']:.2f} | | | | | |"
+        )
     return "\n".join(lines)
 
 
