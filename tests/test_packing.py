@@ -97,18 +97,24 @@ class Draws:
         return self._one(self.gap) * cfg.sra_max_gap
 
 
-@pytest.mark.parametrize("name", ["vanilla", "dts_only", "self_flow", "sra"])
+@pytest.mark.parametrize("name", ["vanilla", "dts_only", "self_flow", "sra", "repa"])
 def test_every_objective_gives_a_packed_sample_the_loss_it_has_alone(tiny_cfg, monkeypatch, name):
     """Per-sample losses (and velocity losses) of an image, an AV clip and a sound packed in one row
     equal those of each sample in its own batch, with the same draws, to fp32 tolerance."""
     import selfflow.training.objectives as objectives
     from selfflow.configs import load_config
-    from selfflow.models.heads import ProjectorHead
 
     cfg = load_config("tiny", [f"objective.name={name}"]).objective
     student = randomize(MMDiT(model_params(tiny_cfg)), seed=6).eval()
     teacher = randomize(MMDiT(model_params(tiny_cfg)), seed=7).eval()
-    models = objectives.Models(student, ProjectorHead(student.params.hidden_size), teacher)
+    head = objectives.make_head(name, student.params.hidden_size, 16)
+    torch.manual_seed(0)
+    proj = {m: torch.nn.Linear(tiny_cfg.spec.token_dim(m), 16) for m in ("image", "video", "audio")}
+
+    def encoder(media):  # per token, plus each sample's mean: packing must hand it whole samples
+        return torch.cat([proj[m](x) + proj[m](x).mean(1, keepdim=True) for m, x in media.items()], 1)
+
+    models = objectives.Models(student, head, teacher, encoder)
     samples = [_sample(tiny_cfg, mods, 5 + 4 * i, False, 20 + i) for i, (_, mods) in enumerate(TASKS)]
     draws = Draws(samples, cfg)
     monkeypatch.setattr(objectives, "_common_draws", draws.common)

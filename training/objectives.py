@@ -298,16 +298,28 @@ def sra(models: Models, batch: Batch, gen: torch.Generator, cfg: ObjectiveConfig
 def repa(models: Models, batch: Batch, gen: torch.Generator, cfg: ObjectiveConfig) -> ObjectiveOutput:
     if models.encoder is None or models.head is None:
         raise ValueError("repa needs models.encoder (frozen features on the token grid) and models.head")
-    if batch.packed is not None:
-        raise ValueError("repa does not take packed batches yet (its encoder reads whole images)")
     t, eps, drop = _common_draws(batch, gen, cfg)
     ls, _ = _layers(cfg, models.student.params.depth)
     out = _student_forward(models, batch, eps, t, drop, hidden=(ls,))
     with torch.no_grad():
-        target = models.encoder(batch.media)  # [B, L, F]
-    cos = cosine_to_target(models.head(out.hidden[ls]), target)
+        target = _encoder_features(models.encoder, batch)  # [B, L, F]
+    cos = cosine_to_target(models.head(out.hidden[ls]), target, batch)
     # REPA's loss is mean(-cos); 1 - cos has the same gradient and keeps loss_rep >= 0 in the logs.
-    return _output("repa", cfg, velocity_mse(out.velocity, batch.media, eps), cos, t[:, None])
+    return _output("repa", cfg, velocity_mse(out.velocity, batch.media, eps, batch), cos, t[:, None])
+
+
+def _encoder_features(encoder: Callable[[dict[str, Tensor]], Tensor], batch: Batch) -> Tensor:
+    """REPA's targets [B, L, F]. A packed row is split back into its samples per modality (the encoder
+    reads whole images and clips), then the features are laid out as the row's tokens."""
+    if batch.packed is None:
+        return encoder(batch.media)
+    parts, start = [], 0
+    for m, x in batch.media.items():  # x [1, n_m L_m, C]: the n_m samples with modality m, in order
+        samples = int(batch.packed.media_segment[0, start : start + x.shape[1]].unique().numel())
+        start += x.shape[1]
+        features = encoder({m: x.reshape(samples, x.shape[1] // samples, x.shape[2])})  # [n_m, L_m, F]
+        parts.append(features.reshape(1, -1, features.shape[-1]))
+    return torch.cat(parts, dim=1)
 
 
 OBJECTIVES: dict[str, Callable[[Models, Batch, torch.Generator, ObjectiveConfig], ObjectiveOutput]] = {
