@@ -161,15 +161,20 @@ def hold_run_lock():
         proc.stdout.close()
 
 
+def write_random_images(folder: Path, n: int, per_shard: int, caption: str = "pattern number {i}") -> None:
+    """n random 32x32 PNG image samples, `per_shard` to a shard, captions `caption.format(i=i)`."""
+    rng = np.random.default_rng(0)
+    with ShardWriter(folder, "image", max_samples=per_shard) as w:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+            w.write({"__key__": f"img_{i:03d}", "png": buf.getvalue(), "txt": caption.format(i=i)})
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """4 image shards of 6 random 32x32 PNGs with distinct captions (for the multi-process tests: every
     rank needs its own shards)."""
     root = tmp_path_factory.mktemp("dist_shards")
-    rng = np.random.default_rng(0)
-    with ShardWriter(root, "image", max_samples=6) as w:
-        for i in range(24):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
-            w.write({"__key__": f"img_{i:03d}", "png": buf.getvalue(), "txt": f"pattern number {i}"})
+    write_random_images(root, 24, 6)
     return root

@@ -3,15 +3,12 @@ task, and a mixed image + video + audio + AV run trains packed and resumes exact
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import av_clip
-from PIL import Image
+from conftest import av_clip, write_random_images
 
 from selfflow.configs import ConfigError, load_config
 from selfflow.data.pipeline import TASK_MODALITIES, DataError, DataPipeline
@@ -29,12 +26,7 @@ def four_tasks(mixed_shards, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("four_tasks")
     for tar in [*Path(mixed_shards).glob("av-*.tar"), *Path(mixed_shards).glob("audio-*.tar")]:
         shutil.copy(tar, root / tar.name)
-    rng = np.random.default_rng(0)
-    with ShardWriter(root, "image", max_samples=4) as w:
-        for i in range(8):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
-            w.write({"__key__": f"image_{i:03d}", "png": buf.getvalue(), "txt": f"a picture {i}"})
+    write_random_images(root, 8, 4, "a picture {i}")
     with ShardWriter(root, "video", max_samples=4) as w:
         for i in range(8):
             clip = av_clip(i, with_audio=False)
