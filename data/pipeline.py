@@ -209,7 +209,8 @@ class DataPipeline:
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position: batches drawn, each stream's (epoch, raw position), the shard lists' prints."""
         streams = {t: s.state_dict() for t, s in self.streams.items()}
-        return {"batches": self.batches, "streams": streams, "shards": dict(self.fingerprints)}
+        state = {"batches": self.batches, "streams": streams, "shards": dict(self.fingerprints)}
+        return state | {"tokens_per_batch": self.tokens_per_batch, "sample_tokens": dict(self.sample_tokens)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state["streams"]) != set(self.streams):
@@ -217,6 +218,13 @@ class DataPipeline:
                 f"data state has tasks {sorted(state['streams'])}, the pipeline {sorted(self.streams)}"
             )
         check_fingerprints(state.get("shards"), self.fingerprints, self.allow_changed_shards)
+        packing = (state.get("tokens_per_batch", 0), state.get("sample_tokens", self.sample_tokens))
+        if packing != (self.tokens_per_batch, self.sample_tokens) and not self.allow_changed_shards:
+            raise DataError(
+                f"the data state packs {packing[0]} tokens per batch (samples of {packing[1]} tokens), this "
+                f"run {self.tokens_per_batch} ({self.sample_tokens}): the task sequence would differ (set "
+                "data.allow_changed_shards=true to resume anyway)"
+            )
         self.batches = int(state["batches"])
         for t, s in state["streams"].items():
             self.streams[t].load_state_dict(s)

@@ -42,13 +42,19 @@ class Ragged:
     max_len: int  # the longest sequence
     size: int  # B * N
     bounds: tuple[int, ...] = ()  # `offsets` on the host (the CPU path slices by them)
+    min_len: int = 0  # the shortest sequence (0: unknown); with max_len, spares the kernels a sync
+
+    @property
+    def cu_seqlens(self) -> Tensor:
+        """`offsets` as int32, what flash-attn's varlen kernel takes."""
+        return self.offsets.to(torch.int32)
 
 
 def ragged_segments(segment: Tensor) -> Ragged | None:
     """segment [B, N] long: the sequence each token belongs to within its row (-1: it attends to
     nothing). The tokens of one (row, segment) form one sequence, in position order, wherever they sit
     in the row. None when every row is one sequence without -1, so that the dense, mask-free path
-    runs. One host sync (the lengths)."""
+    runs. A few host syncs (the layout's sizes), once per model forward: the blocks reuse it."""
     b, n = segment.shape
     keep = segment >= 0
     if bool(keep.all()) and bool((segment == segment[:, :1]).all()):
@@ -61,7 +67,9 @@ def ragged_segments(segment: Tensor) -> Ragged | None:
     counts = torch.bincount(key, minlength=b * per_row)
     counts = counts[counts > 0]
     offsets = F.pad(counts.cumsum(0), (1, 0))
-    return Ragged(index, offsets, int(counts.max()), b * n, tuple(offsets.tolist()))
+    bounds = tuple(offsets.tolist())
+    lengths = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    return Ragged(index, offsets, max(lengths), b * n, bounds, min(lengths))
 
 
 def ragged_rows(keep: Tensor) -> Ragged | None:
@@ -91,7 +99,9 @@ def _use_flash(q: Tensor, backend: str) -> bool:
 def _ragged_sdpa(q: Tensor, k: Tensor, v: Tensor, ragged: Ragged) -> Tensor:
     """q, k, v [T, H, Dh] -> [T, H, Dh], attention within each sequence (jagged nested tensors)."""
     nested = [
-        torch.nested.nested_tensor_from_jagged(x, ragged.offsets, max_seqlen=ragged.max_len).transpose(1, 2)
+        torch.nested.nested_tensor_from_jagged(
+            x, ragged.offsets, min_seqlen=ragged.min_len or None, max_seqlen=ragged.max_len
+        ).transpose(1, 2)
         for x in (q, k, v)
     ]  # [S, H, j, Dh]
     return F.scaled_dot_product_attention(*nested).transpose(1, 2).values()
@@ -99,7 +109,7 @@ def _ragged_sdpa(q: Tensor, k: Tensor, v: Tensor, ragged: Ragged) -> Tensor:
 
 def _ragged_loop(q: Tensor, k: Tensor, v: Tensor, ragged: Ragged) -> Tensor:
     """The same on the CPU: one mask-free SDPA call per sequence (the jagged kernel there is the slow
-    math one: about 6x a masked call for a `small` batch; this loop about 1.75x, README Benchmarks)."""
+    math one: about 6x a masked call for a `small` batch; this loop about 1.5x, README Benchmarks)."""
     pairs = zip(ragged.bounds[:-1], ragged.bounds[1:], strict=True)
     parts = [
         F.scaled_dot_product_attention(*(x[None, a:b].transpose(1, 2) for x in (q, k, v))) for a, b in pairs
@@ -112,7 +122,7 @@ def _ragged_loop(q: Tensor, k: Tensor, v: Tensor, ragged: Ragged) -> Tensor:
 def _ragged_flash(q: Tensor, k: Tensor, v: Tensor, ragged: Ragged) -> Tensor:
     from flash_attn import flash_attn_varlen_func
 
-    cu = ragged.offsets.to(torch.int32)
+    cu = ragged.cu_seqlens
     return flash_attn_varlen_func(q, k, v, cu, cu, ragged.max_len, ragged.max_len)
 
 

@@ -103,3 +103,14 @@ def test_a_mixed_run_trains_packed_and_resumes_exactly(four_tasks, tmp_path):
         wa, wb = ckpt_io.load_weights(a, name), ckpt_io.load_weights(b, name)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
     assert (tmp_path / "a" / "samples" / "step_00000004.png").is_file()  # sampling is unchanged
+
+
+def test_resuming_a_packed_position_with_another_budget_is_refused(four_tasks):
+    pipe = _pipe(four_tasks)
+    next(pipe)
+    other = DataPipeline(
+        four_tasks, load_config("tiny").spec, seed=3, weights={"image": 1, "video": 1, "audio": 1, "av": 1},
+        tokens_per_batch=BUDGET + 100, text_tokens=48,
+    )  # fmt: skip
+    with pytest.raises(DataError, match="packs 700 tokens per batch"):
+        other.load_state_dict(pipe.state_dict())

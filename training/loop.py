@@ -350,7 +350,7 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
             if tr.nonfinite_streak:
                 check_nonfinite(tr, out, keys, logger)
             else:
-                tokens = sum(b.tokens for b in micro) // sum(b.samples for b in micro)
+                tokens = sum(b.tokens for b in micro) / sum(b.samples for b in micro)
                 meter.add(out.metrics, out.levels[:, 0], out.loss_gen, tokens)
             bar.update(1)
             done = tr.step >= cfg.train.max_steps

@@ -105,8 +105,9 @@ def _engine_update(tr: Trainer, micro: list[Batch]) -> tuple[ObjectiveOutput, bo
     if any_rank(tr.dist, ~torch.isfinite(out.loss).all(), tr.device):
         out.metrics["grad_norm"] = torch.full((), math.nan, device=tr.device)
         return out, False
+    total = sum(b.samples for b in micro)  # the engine divides by its accumulation steps itself
     for part in outs:
-        norm = dist_io.engine_backward_step(tr.engine, part.loss.mean())
+        norm = dist_io.engine_backward_step(tr.engine, part.loss.sum() * len(micro) / total)
     out.metrics["grad_norm"] = norm.to(tr.device)
     return out, bool(torch.isfinite(norm))
 
@@ -114,7 +115,8 @@ def _engine_update(tr: Trainer, micro: list[Batch]) -> tuple[ObjectiveOutput, bo
 def train_step(tr: Trainer, batch: Batch | list[Batch]) -> ObjectiveOutput:
     """One optimizer step of `cfg.objective` on `batch` (or its micro-batches), then the EMA update(s).
     Metrics gain `grad_norm` (before clipping). A NaN / Inf loss or gradient (on any rank) skips the
-    update: the one host sync of a step (with several processes, one all-reduce)."""
+    update: the step's one host sync besides the attention layout of a padded batch (with several
+    processes, one all-reduce)."""
     micro = batch if isinstance(batch, list) else [batch]
     tr.models.student.train()
     update = _engine_update if tr.engine is not None else _local_update

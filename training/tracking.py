@@ -45,7 +45,7 @@ class MetricMeter:
         self.samples = self.tokens = 0
         self.started = time.perf_counter()
 
-    def add(self, metrics: dict[str, Tensor], t: Tensor, loss_gen: Tensor, tokens_per_sample: int) -> None:
+    def add(self, metrics: dict[str, Tensor], t: Tensor, loss_gen: Tensor, tokens_per_sample: float) -> None:
         """metrics: scalar tensors; t [B] base levels; loss_gen [B] per-sample velocity loss. No sync."""
         for k, v in metrics.items():
             v = v.detach().double()
