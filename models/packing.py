@@ -6,12 +6,13 @@ of all samples in sample order. `Packed` says which sample every token belongs t
 stays within a sample (models/attention.py), and which level each caption is modulated with; the
 media tokens' levels come from `t` [B, K] with `t_index` [B, L] as for any per-token levels.
 
-    media, ids, txt, mask, packed, t, t_index = pack_samples(samples)     # B = 1 row
-    out = model(media, ids, t, txt, t_index=t_index, txt_mask=mask, packed=packed)
+    media, ids, txt, mask, packed, t, t_index, drop = pack_samples(samples)      # B = 1 row
+    out = model(media, ids, t, txt, t_index=t_index, txt_mask=mask, drop_txt=drop, packed=packed)
     per_sample = unpack_media(out.velocity, samples)                     # [{modality: [1, L_m, C]}]
 
 A sample computes exactly what it computes alone in an unpacked batch (tested): same positions (each
 caption counts from 0, media ids as the tokenizer gives them), same levels, same attention set.
+Training packs with `pack_tokens` (training/loop.py `make_batch`, from data.pack's batches).
 """
 
 from __future__ import annotations
