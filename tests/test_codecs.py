@@ -216,3 +216,27 @@ def test_autoencoder_load_errors(ae_dirs: dict[str, Path], tmp_path: Path) -> No
         DiffusersAutoencoder(ae_dirs["oobleck"], "image")
     with pytest.raises(ValueError, match="AutoencoderOobleck"):
         DiffusersAutoencoder(ae_dirs["oobleck"], "video")
+
+
+def test_per_channel_latent_statistics_normalise_the_latents(tmp_path: Path) -> None:
+    """A KL autoencoder whose config has latents_mean / latents_std: latents are (mode - mean) *
+    scaling_factor / std per channel, and decode undoes exactly that."""
+    import diffusers
+
+    torch.manual_seed(1)
+    mean, std = [0.1, -0.2, 0.3, 0.0], [0.5, 2.0, 1.0, 4.0]
+    kl = diffusers.AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+        norm_num_groups=8, scaling_factor=0.5, latents_mean=mean, latents_std=std,
+    )  # fmt: skip
+    kl.save_pretrained(tmp_path / "ae")
+    codec = DiffusersAutoencoder(tmp_path / "ae", "video")
+    x = randn(2, 3, 2, 16, 16).clamp(-1, 1)  # [B, C, T, H, W]
+    z = codec.encode(x)
+    raw = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "ae")).eval()
+    m, s = torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+    with torch.no_grad():
+        frame = raw.encode(x[:, :, 1]).latent_dist.mode()
+        torch.testing.assert_close(z[:, :, 1], (frame - m) * 0.5 / s, rtol=0, atol=1e-5)
+        torch.testing.assert_close(codec.decode(z)[:, :, 1], raw.decode(frame).sample, rtol=0, atol=1e-4)

@@ -8,7 +8,8 @@ the optimizer, never in the trainable checkpoint.
 Every codec exposes `in_channels` (pixel / waveform channels), `latent_channels`, `space_stride`
 (pixels per latent pixel), `time_stride` (video frames, or audio samples, per latent step), `encode`
 and `decode`, which map channels-first media to channels-first latents of the same layout.
-AutoencoderKL's optional per-channel `latents_mean` / `latents_std` are not applied (not yet needed).
+When the autoencoder's config has per-channel `latents_mean` / `latents_std` (SDXL-style KL
+autoencoders), latents are normalised per channel instead: (mode - mean) * scaling_factor / std.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class DiffusersAutoencoder(nn.Module):
     """A frozen diffusers autoencoder from a local directory (`config.json` + weights), no download.
 
     Latents are normalised as (mode - shift_factor) * scaling_factor, the autoencoder's own
-    convention; decode undoes it.
+    convention, or per channel as (mode - latents_mean) * scaling_factor / latents_std when the config
+    has those; decode undoes it.
     """
 
     def __init__(self, path: str | Path, modality: str) -> None:
@@ -62,6 +64,11 @@ class DiffusersAutoencoder(nn.Module):
         scale, shift = config.get("scaling_factor"), config.get("shift_factor")
         self.scale = 1.0 if scale is None else float(scale)
         self.shift = 0.0 if shift is None else float(shift)
+        mean, std = config.get("latents_mean"), config.get("latents_std")
+        self.per_channel = mean is not None and std is not None  # [C] statistics of the latent channels
+        if self.per_channel:
+            self.register_buffer("latents_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+            self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32), persistent=False)
         if name == "AutoencoderKL":
             self.in_channels, self.latent_channels = config["in_channels"], config["latent_channels"]
             self.space_stride, self.time_stride = 2 ** (len(config["block_out_channels"]) - 1), 1
@@ -75,15 +82,29 @@ class DiffusersAutoencoder(nn.Module):
         frames = x.shape[2] if self.modality == "video" else 0
         if frames:
             x = rearrange(x, "b c t h w -> (b t) c h w")
-        z = (self.ae.encode(x).latent_dist.mode() - self.shift) * self.scale
+        mode = self.ae.encode(x).latent_dist.mode()
+        if self.per_channel:
+            mean, std = self._stats(mode)
+            z = (mode - mean) * self.scale / std
+        else:
+            z = (mode - self.shift) * self.scale
         return rearrange(z, "(b t) c h w -> b c t h w", t=frames) if frames else z
+
+    def _stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """latents_mean, latents_std shaped to broadcast over z [B, C, ...] along its channel axis."""
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        return self.latents_mean.to(z).view(shape), self.latents_std.to(z).view(shape)
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         frames = z.shape[2] if self.modality == "video" else 0
         if frames:
             z = rearrange(z, "b c t h w -> (b t) c h w")
-        x = self.ae.decode(z / self.scale + self.shift).sample
+        if self.per_channel:
+            mean, std = self._stats(z)
+            x = self.ae.decode(z * std / self.scale + mean).sample
+        else:
+            x = self.ae.decode(z / self.scale + self.shift).sample
         return rearrange(x, "(b t) c h w -> b c t h w", t=frames) if frames else x
 
 
