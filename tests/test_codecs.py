@@ -240,3 +240,55 @@ def test_per_channel_latent_statistics_normalise_the_latents(tmp_path: Path) -> 
         frame = raw.encode(x[:, :, 1]).latent_dist.mode()
         torch.testing.assert_close(z[:, :, 1], (frame - m) * 0.5 / s, rtol=0, atol=1e-5)
         torch.testing.assert_close(codec.decode(z)[:, :, 1], raw.decode(frame).sample, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------- a causal video VAE (Wan 2.x class)
+WAN_SPEC = ClipSpec(duration=1.0, fps=9, height=32, width=32, video_latent_channels=4, space_stride=8,
+                    time_stride=4, causal_time=True, video_patch=(1, 2, 2))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory: pytest.TempPathFactory) -> DiffusersAutoencoder:
+    """A small random AutoencoderKLWan (8x space, 4x time, causal) saved and loaded as users have it."""
+    import diffusers
+
+    torch.manual_seed(0)
+    ae = diffusers.AutoencoderKLWan(
+        base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True], latents_mean=[0.1, -0.1, 0.2, 0.0],
+        latents_std=[0.5, 1.5, 1.0, 2.0],
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("wan") / "vae"
+    ae.save_pretrained(folder)
+    return DiffusersAutoencoder(folder, "video")
+
+
+def test_a_causal_video_vae_compresses_time_and_keeps_the_first_frame_alone(wan) -> None:
+    """9 frames -> 1 + 8 / 4 = 3 latent frames of 4 x 4; the first latent frame depends on frame 0 only;
+    latents are normalised per channel; tokens, positions and the round trip follow the spec."""
+    assert (wan.latent_channels, wan.space_stride, wan.time_stride, wan.causal) == (4, 8, 4, True)
+    tok = MediaTokenizer(WAN_SPEC, codecs={"video": wan})
+    x = randn(1, 3, 9, 32, 32).clamp(-1, 1)
+    z = wan.encode(x)
+    assert z.shape == (1, 4, 3, 4, 4)
+    later = x.clone()
+    later[:, :, 1:] = randn(1, 3, 8, 32, 32, seed=5).clamp(-1, 1)
+    moved = wan.encode(later)
+    assert torch.equal(z[:, :, 0], moved[:, :, 0]) and not torch.allclose(z[:, :, 1], moved[:, :, 1])
+    with torch.no_grad():
+        mode = wan.ae.encode(x).latent_dist.mode()
+    mean, std = torch.tensor([0.1, -0.1, 0.2, 0.0]), torch.tensor([0.5, 1.5, 1.0, 2.0])
+    torch.testing.assert_close(z, (mode - mean.view(1, 4, 1, 1, 1)) / std.view(1, 4, 1, 1, 1))
+    tokens, ids = tok.encode({"video": x})
+    assert tokens["video"].shape == (1, WAN_SPEC.tokens("video"), WAN_SPEC.token_dim("video")) == (1, 12, 16)
+    ticks = sorted({round(float(v), 3) for v in ids[:, 0]})
+    assert ticks == [0.0, round(100 / 9, 3), round(500 / 9, 3)]  # latent frames start at frames 0, 1, 5
+    assert tok.decode(tokens)["video"].shape == x.shape
+
+
+def test_a_causal_codec_needs_a_causal_spec(wan) -> None:
+    flat = ClipSpec(**{**WAN_SPEC.__dict__, "causal_time": False, "fps": 8})
+    with pytest.raises(ValueError, match="set spec.causal_time=true"):
+        check_codec(wan, "video", flat)
+    with pytest.raises(ValueError, match="video frames after the first"):
+        ClipSpec(**{**WAN_SPEC.__dict__, "fps": 8})  # 8 frames: 1 + 7 / 4 does not divide

@@ -23,7 +23,11 @@ from torch import Tensor, nn
 
 from selfflow.tokenizers.spec import ClipSpec
 
-SUPPORTED_AUTOENCODERS = {"AutoencoderKL": ("image", "video"), "AutoencoderOobleck": ("audio",)}
+SUPPORTED_AUTOENCODERS = {
+    "AutoencoderKL": ("image", "video"),
+    "AutoencoderKLWan": ("video",),  # causal: T frames -> 1 + (T - 1) / time_stride latent frames
+    "AutoencoderOobleck": ("audio",),
+}
 
 
 class IdentityCodec(nn.Module):
@@ -32,6 +36,7 @@ class IdentityCodec(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.in_channels, self.latent_channels, self.space_stride, self.time_stride = channels, channels, 1, 1
+        self.causal = False
 
     def encode(self, x: Tensor) -> Tensor:
         return x
@@ -64,22 +69,35 @@ class DiffusersAutoencoder(nn.Module):
         scale, shift = config.get("scaling_factor"), config.get("shift_factor")
         self.scale = 1.0 if scale is None else float(scale)
         self.shift = 0.0 if shift is None else float(shift)
-        mean, std = config.get("latents_mean"), config.get("latents_std")
-        self.per_channel = mean is not None and std is not None  # [C] statistics of the latent channels
-        if self.per_channel:
-            self.register_buffer("latents_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
-            self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32), persistent=False)
+        self.causal = self.whole_clips = name == "AutoencoderKLWan"  # encodes clips, not frames
         if name == "AutoencoderKL":
             self.in_channels, self.latent_channels = config["in_channels"], config["latent_channels"]
             self.space_stride, self.time_stride = 2 ** (len(config["block_out_channels"]) - 1), 1
+        elif name == "AutoencoderKLWan":
+            self.in_channels, self.latent_channels = config.get("in_channels") or 3, config["z_dim"]
+            patch = config.get("patch_size") or 1
+            self.space_stride = 2 ** (len(config["dim_mult"]) - 1) * patch
+            self.time_stride = 2 ** sum(bool(d) for d in config["temperal_downsample"])
         else:
             self.in_channels = config["audio_channels"]
             self.latent_channels = config["decoder_input_channels"]
             self.space_stride, self.time_stride = 1, int(torch.tensor(config["downsampling_ratios"]).prod())
+        self._channel_statistics(config, path)
+
+    def _channel_statistics(self, config: dict, path: str | Path) -> None:
+        """Per-channel latents_mean / latents_std of the config, when it has both."""
+        mean, std = config.get("latents_mean"), config.get("latents_std")
+        self.per_channel = mean is not None and std is not None  # [C] statistics of the latent channels
+        if not self.per_channel:
+            return
+        if not len(mean) == len(std) == self.latent_channels:
+            raise ValueError(f"{path}: latents_mean / latents_std need {self.latent_channels} values each")
+        self.register_buffer("latents_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32), persistent=False)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        frames = x.shape[2] if self.modality == "video" else 0
+        frames = x.shape[2] if self.modality == "video" and not self.whole_clips else 0
         if frames:
             x = rearrange(x, "b c t h w -> (b t) c h w")
         mode = self.ae.encode(x).latent_dist.mode()
@@ -97,7 +115,7 @@ class DiffusersAutoencoder(nn.Module):
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
-        frames = z.shape[2] if self.modality == "video" else 0
+        frames = z.shape[2] if self.modality == "video" and not self.whole_clips else 0
         if frames:
             z = rearrange(z, "b c t h w -> (b t) c h w")
         if self.per_channel:
@@ -130,3 +148,7 @@ def check_codec(codec: Codec, modality: str, spec: ClipSpec) -> None:
     if have != want:
         what = "(channels, latent channels, space stride, time stride)"
         raise ValueError(f"{modality} codec has {what} {have}; the clip spec says {want}")
+    causal = spec.causal_time and modality == "video"
+    if codec.causal != causal:
+        kind = "causal (its first frame alone)" if codec.causal else "not causal"
+        raise ValueError(f"{modality} codec is {kind}; set spec.causal_time={str(codec.causal).lower()}")

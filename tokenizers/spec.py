@@ -51,6 +51,9 @@ class ClipSpec:
     audio_latent_channels: int = 1
     space_stride: int = 1  # pixels per latent pixel, images and video
     time_stride: int = 1  # video frames per latent frame
+    # causal video codecs (Wan): the first frame is a latent frame alone, then every `time_stride`
+    # frames make one, so T frames give 1 + (T - 1) / time_stride latent frames
+    causal_time: bool = False
     audio_stride: int = 1  # waveform samples per latent frame
     # patch sizes, in latent units
     image_patch: int = 8
@@ -87,12 +90,27 @@ class ClipSpec:
     @property
     def video_grid(self) -> tuple[int, int, int]:
         pt, ph, pw = self.video_patch
-        frames = _divide(self.num_frames, self.time_stride, "video frames / codec time stride")
+        frames = self.video_latent_frames
         return (
             _divide(frames, pt, "latent frames / video time patch"),
             _divide(_divide(self.height, self.space_stride, "video height / codec"), ph, "video h patches"),
             _divide(_divide(self.width, self.space_stride, "video width / codec"), pw, "video w patches"),
         )
+
+    @property
+    def video_latent_frames(self) -> int:
+        if self.causal_time:
+            rest = _divide(
+                self.num_frames - 1, self.time_stride, "video frames after the first / causal stride"
+            )
+            return 1 + rest
+        return _divide(self.num_frames, self.time_stride, "video frames / codec time stride")
+
+    def latent_frame_start(self, index: int) -> int:
+        """The first video frame a latent frame covers (causal: frame 0 alone, then groups)."""
+        if self.causal_time:
+            return 0 if index == 0 else 1 + (index - 1) * self.time_stride
+        return index * self.time_stride
 
     @property
     def audio_grid(self) -> int:

@@ -6,7 +6,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from selfflow.tokenizers.spec import AXES, ClipSpec
+from selfflow.tokenizers.spec import AXES, TICKS_PER_SECOND, ClipSpec
 
 
 class VideoPatchifier:
@@ -33,7 +33,12 @@ class VideoPatchifier:
         """[L, 4] positions (t, h, w, l); t is the start time of the token's first frame in 10 ms ticks."""
         t, h, w = self.grid
         ids = torch.zeros(t, h, w, len(AXES), dtype=torch.float64)
-        ids[..., 0] = (torch.arange(t, dtype=torch.float64) * self.spec.video_token_ticks)[:, None, None]
+        if self.spec.causal_time:  # latent frames cover 1, then time_stride frames: place them by frame
+            frames = [self.spec.latent_frame_start(i * self.patch[0]) for i in range(t)]
+            ticks = torch.tensor(frames, dtype=torch.float64) / self.spec.fps * TICKS_PER_SECOND
+        else:
+            ticks = torch.arange(t, dtype=torch.float64) * self.spec.video_token_ticks
+        ids[..., 0] = ticks[:, None, None]
         ids[..., 1] = torch.arange(h)[None, :, None]
         ids[..., 2] = torch.arange(w)[None, None, :]
         return ids.reshape(t * h * w, len(AXES)).float()
