@@ -21,6 +21,7 @@ IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
 VIDEO_CONTAINERS = {"mp4": "mp4", "mov": "mp4", "m4v": "mp4", "webm": "matroska", "mkv": "matroska"}
 AUDIO_CONTAINERS = {"flac": None, "wav": None, "mp3": None, "ogg": None, "opus": None, "m4a": "mp4"}
 # None: read by libsndfile (its formats are data.limits.audio_formats); else the only demuxer tried
+TASK_MODALITIES = {"image": ("image",), "video": ("video",), "audio": ("audio",), "av": ("video", "audio")}
 TASK_FIELDS = {
     "image": IMAGE_FIELDS,
     "video": tuple(VIDEO_CONTAINERS),

@@ -24,12 +24,11 @@ import numpy as np
 
 from selfflow.data.avio import decode_audio, decode_av
 from selfflow.data.decode import IMAGE_FIELDS, open_image, resize_center_crop, to_channels
-from selfflow.data.fields import VIDEO_CONTAINERS
+from selfflow.data.fields import TASK_MODALITIES, VIDEO_CONTAINERS
+from selfflow.tokenizers.codecs import SUPPORTED_AUTOENCODERS
 from selfflow.tokenizers.spec import ClipSpec
 
 LATENT_FIELDS = {"image": "latent.npy", "video": "video_latent.npy", "audio": "audio_latent.npy"}
-MODALITIES_OF_CLASS = {"AutoencoderKL": ("image", "video"), "AutoencoderOobleck": ("audio",)}
-TASK_MODALITIES = {"image": ("image",), "video": ("video",), "audio": ("audio",), "av": ("video", "audio")}
 _CODECS: dict = {}  # per process: (folder, modality, spec) -> codec, loaded once
 
 
@@ -46,11 +45,11 @@ class LatentOptions:
             if not config.is_file():
                 raise ValueError(f"--latents {folder}: no config.json (not a diffusers autoencoder folder)")
             name = json.loads(config.read_text()).get("_class_name")
-            if name not in MODALITIES_OF_CLASS:
+            if name not in SUPPORTED_AUTOENCODERS:
                 raise ValueError(
-                    f"--latents {folder}: {name!r} is not one of {', '.join(MODALITIES_OF_CLASS)}"
+                    f"--latents {folder}: {name!r} is not one of {', '.join(SUPPORTED_AUTOENCODERS)}"
                 )
-            for modality in MODALITIES_OF_CLASS[name]:
+            for modality in SUPPORTED_AUTOENCODERS[name]:
                 if modality in found:
                     raise ValueError(
                         f"--latents: two autoencoders for {modality} ({found[modality]}, {folder})"

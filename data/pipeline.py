@@ -47,11 +47,11 @@ import torch
 from torch import Tensor
 
 from selfflow.data.decode import FITS
-from selfflow.data.fields import infer_task
+from selfflow.data.fields import TASK_MODALITIES, infer_task
 from selfflow.data.shards import iter_tar_samples
 from selfflow.data.sources import ShardSource, find_shards
-from selfflow.data.streams import CLIP_WINDOWS, TASK_MODALITIES, DataError, TaskStream
-from selfflow.tokenizers.spec import ClipSpec
+from selfflow.data.streams import CLIP_WINDOWS, DataError, TaskStream
+from selfflow.tokenizers.spec import MODALITIES, ClipSpec
 
 
 @dataclass
@@ -233,7 +233,7 @@ class DataPipeline:
 def _stack(samples: list[Any], tasks: list[str]) -> dict[str, Tensor]:
     """{modality: [n_m, ...]}: each modality's arrays of the samples that have it, in sample order."""
     media = {}
-    for m in ("image", "video", "audio"):
+    for m in MODALITIES:
         arrays = [s.media[m] for s, t in zip(samples, tasks, strict=True) if m in TASK_MODALITIES[t]]
         if arrays:
             media[m] = torch.from_numpy(np.stack(arrays))

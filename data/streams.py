@@ -32,7 +32,6 @@ from selfflow.data.fields import (
 from selfflow.data.shards import is_url, iter_tar_samples, shard_error
 from selfflow.tokenizers.spec import ClipSpec
 
-TASK_MODALITIES = {"image": ("image",), "video": ("video",), "audio": ("audio",), "av": ("video", "audio")}
 CLIP_WINDOWS = ("random", "start")
 _KEEP = 10_000  # skipped samples remembered by key per stream (all are counted)
 

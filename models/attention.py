@@ -57,7 +57,7 @@ def ragged_segments(segment: Tensor) -> Ragged | None:
     runs. A few host syncs (the layout's sizes), once per model forward: the blocks reuse it."""
     b, n = segment.shape
     keep = segment >= 0
-    if bool(keep.all()) and bool((segment == segment[:, :1]).all()):
+    if bool((keep & (segment == segment[:, :1])).all()):  # every row one sequence, nothing left out
         return None
     per_row = int(segment.max()) + 1
     key = (torch.arange(b, device=segment.device)[:, None] * per_row + segment).reshape(-1)  # [B * N]

@@ -248,8 +248,8 @@ WAN_SPEC = ClipSpec(duration=1.0, fps=9, height=32, width=32, video_latent_chann
 
 
 @pytest.fixture(scope="module")
-def wan(tmp_path_factory: pytest.TempPathFactory) -> DiffusersAutoencoder:
-    """A small random AutoencoderKLWan (8x space, 4x time, causal) saved and loaded as users have it."""
+def wan_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random AutoencoderKLWan (8x space, 4x time, causal) saved as users have it."""
     import diffusers
 
     torch.manual_seed(0)
@@ -260,7 +260,19 @@ def wan(tmp_path_factory: pytest.TempPathFactory) -> DiffusersAutoencoder:
     )  # fmt: skip
     folder = tmp_path_factory.mktemp("wan") / "vae"
     ae.save_pretrained(folder)
-    return DiffusersAutoencoder(folder, "video")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wan(wan_dir: Path) -> DiffusersAutoencoder:
+    return DiffusersAutoencoder(wan_dir, "video")
+
+
+def test_make_shards_latents_take_every_supported_autoencoder(wan_dir: Path) -> None:
+    """`make_shards --latents` reads the codecs' own table of autoencoder classes (Wan included)."""
+    from selfflow.data.latents import LatentOptions
+
+    assert LatentOptions((str(wan_dir),), WAN_SPEC).sources() == {"video": str(wan_dir)}
 
 
 def test_a_causal_video_vae_compresses_time_and_keeps_the_first_frame_alone(wan) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from selfflow.configs import load_config
 from selfflow.data.avio import encode_mp4
+from selfflow.data.fields import TASK_MODALITIES
 from selfflow.data.shards import ShardWriter
 from selfflow.tools.bench_step import sync
 from selfflow.training.loop import build_data, build_trainer, data_stream
@@ -89,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args(argv)
     spec, text = load_config(args.preset).spec, load_config(args.preset).text.max_len
-    per_sample = {
-        t: sum(spec.tokens(m) for m in (("video", "audio") if t == "av" else (t,))) + text for t in TASKS
-    }
+    per_sample = {t: sum(spec.tokens(m) for m in TASK_MODALITIES[t]) + text for t in TASKS}
     batch = max(1, round(args.tokens / statistics.mean(per_sample.values())))
     results: dict[str, dict[str, list[float]]] = {"packed": {}, "one-task": {}}
     with tempfile.TemporaryDirectory() as tmp:
