@@ -92,9 +92,9 @@ def test_kl_image_codec(ae_dirs: dict[str, Path], codecs: dict[str, DiffusersAut
     codec = codecs["image"]
     assert (codec.latent_channels, codec.space_stride, codec.time_stride) == (4, 2, 1)
     assert codec.scale == 0.5 and codec.shift == 0.25
+    assert not codec.autoencoder.training
     params = list(codec.parameters())
     assert params and not any(p.requires_grad for p in params)
-    assert not codec.ae.training
 
     x = randn(2, 3, 16, 16).clamp(-1, 1).requires_grad_(True)
     z = codec.encode(x)
@@ -134,7 +134,7 @@ def test_oobleck_audio_codec(ae_dirs: dict[str, Path], codecs: dict[str, Diffuse
     codec = codecs["audio"]
     assert (codec.latent_channels, codec.space_stride, codec.time_stride) == (4, 1, 8)
     assert codec.scale == 1.0 and codec.shift == 0.0
-    params = list(codec.parameters())
+    params = list(codec.autoencoder.parameters())
     assert params and not any(p.requires_grad for p in params)
     x = randn(2, 1, 1600, seed=6)
     z = codec.encode(x)
@@ -288,7 +288,7 @@ def test_a_causal_video_vae_compresses_time_and_keeps_the_first_frame_alone(wan)
     moved = wan.encode(later)
     assert torch.equal(z[:, :, 0], moved[:, :, 0]) and not torch.allclose(z[:, :, 1], moved[:, :, 1])
     with torch.no_grad():
-        mode = wan.ae.encode(x).latent_dist.mode()
+        mode = wan.autoencoder.encode(x).latent_dist.mode()
     mean, std = torch.tensor([0.1, -0.1, 0.2, 0.0]), torch.tensor([0.5, 1.5, 1.0, 2.0])
     torch.testing.assert_close(z, (mode - mean.view(1, 4, 1, 1, 1)) / std.view(1, 4, 1, 1, 1))
     tokens, ids = tok.encode({"video": x})
@@ -304,3 +304,89 @@ def test_a_causal_codec_needs_a_causal_spec(wan) -> None:
         check_codec(wan, "video", flat)
     with pytest.raises(ValueError, match="video frames after the first"):
         ClipSpec(**{**WAN_SPEC.__dict__, "fps": 8})  # 8 frames: 1 + 7 / 4 does not divide
+
+
+# ---------------------------------------- more autoencoder families, lazy weights, stamps
+FLUX2_SPEC = ClipSpec(image_height=32, image_width=32, image_latent_channels=16, space_stride=4,
+                      image_patch=2, height=32, width=32, video_latent_channels=16)  # fmt: skip
+
+
+def test_flux2_autoencoder_patchifies_and_normalises_as_its_pipeline_does(tmp_path: Path) -> None:
+    """FLUX.2's autoencoder: 2x2 latent patches become channels (16x space, 4 x 4 channels), normalised
+    by its batch norm's running statistics; checked against Flux2Pipeline's own helpers."""
+    import diffusers
+    from diffusers import Flux2Pipeline
+
+    torch.manual_seed(2)
+    ae = diffusers.AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=8,
+    )  # fmt: skip
+    ae.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 16))
+    ae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    ae.save_pretrained(tmp_path / "flux2")
+    codec = build_codec(str(tmp_path / "flux2"), "image", FLUX2_SPEC)
+    assert (codec.latent_channels, codec.space_stride, codec.causal) == (16, 4, False)
+    x = randn(2, 3, 32, 32, seed=3).clamp(-1, 1)
+    z = codec.encode(x)
+    assert z.shape == (2, 16, 8, 8)
+    raw = diffusers.AutoencoderKLFlux2.from_pretrained(str(tmp_path / "flux2")).eval()
+    mean = raw.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(raw.bn.running_var.view(1, -1, 1, 1) + raw.config.batch_norm_eps)
+    with torch.no_grad():
+        want = (Flux2Pipeline._patchify_latents(raw.encode(x).latent_dist.mode()) - mean) / std
+        torch.testing.assert_close(z, want, rtol=0, atol=1e-5)
+        pixels = raw.decode(Flux2Pipeline._unpatchify_latents(z * std + mean)).sample
+        torch.testing.assert_close(codec.decode(z), pixels, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="AutoencoderKLFlux2"):
+        DiffusersAutoencoder(tmp_path / "flux2", "video")
+
+
+def test_longcat_audio_vae_is_a_second_audio_family(tmp_path: Path) -> None:
+    """LongCat-AudioDiT's waveform VAE: stride = product of its strides, latents = posterior mean / scale."""
+    import diffusers
+
+    torch.manual_seed(4)
+    ae = diffusers.LongCatAudioDiTVae(channels=8, c_mults=[1, 2], strides=[2, 4], latent_dim=4,
+                                      encoder_latent_dim=8, sample_rate=16000, scale=0.5)  # fmt: skip
+    ae.save_pretrained(tmp_path / "longcat")
+    codec = build_codec(str(tmp_path / "longcat"), "audio", CODEC_SPEC)  # 4 channels, stride 8
+    assert (codec.latent_channels, codec.time_stride) == (4, 8)
+    x = randn(2, 1, 8000, seed=7) * 0.3
+    z = codec.encode(x)
+    assert z.shape == (2, 4, 1000) and torch.equal(z, codec.encode(x))  # the mean, not a sample
+    raw = diffusers.LongCatAudioDiTVae.from_pretrained(str(tmp_path / "longcat")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(z, raw.encode(x, sample_posterior=False).latents, rtol=0, atol=1e-6)
+        torch.testing.assert_close(codec.decode(z), raw.decode(z).sample, rtol=0, atol=1e-6)
+    tok = MediaTokenizer(CODEC_SPEC, codecs={"audio": codec})
+    tokens, _ = tok.encode({"audio": x})
+    assert tokens["audio"].shape == (2, CODEC_SPEC.tokens("audio"), 4 * 40)
+
+
+def test_the_geometry_needs_only_the_config_and_weights_load_on_first_use(ae_dirs, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(ae_dirs["kl"], tmp_path / "kl")
+    (tmp_path / "config-only").mkdir()
+    shutil.copy(ae_dirs["kl"] / "config.json", tmp_path / "config-only")
+    lazy = build_codec(str(tmp_path / "config-only"), "image", CODEC_SPEC)
+    assert (lazy.latent_channels, lazy.space_stride) == (4, 2) and not list(lazy.parameters())
+    with pytest.raises(FileNotFoundError, match="config.json but no weights"):
+        lazy.decode(randn(1, 4, 8, 8))
+    full = build_codec(str(tmp_path / "kl"), "image", CODEC_SPEC)
+    assert not list(full.parameters())  # nothing loaded until it is used
+    full.encode(randn(1, 3, 16, 16))
+    assert list(full.parameters())
+
+    from selfflow.tokenizers.codecs import codec_stamp
+
+    stamp = codec_stamp(ae_dirs["kl"])
+    assert stamp == codec_stamp(tmp_path / "kl")  # a copy elsewhere is the same codec
+    assert stamp["class"] == "AutoencoderKL" and stamp["weights"]
+    assert codec_stamp(tmp_path / "config-only") == {**stamp, "weights": None}
+    with torch.no_grad():
+        full.autoencoder.decoder.conv_out.bias.add_(1.0)
+    full.autoencoder.save_pretrained(tmp_path / "kl")  # other weights, same config
+    changed = codec_stamp(tmp_path / "kl")
+    assert changed["config"] == stamp["config"] and changed["weights"] != stamp["weights"]
