@@ -208,6 +208,9 @@ class DataConfig:
     # tokens_per_batch media + caption tokens; attention stays within each sample (models/packing.py)
     pack: bool = False
     tokens_per_batch: int = 0  # the budget of a packed batch (replaces train.batch_size / batch_sizes)
+    # auto: a modality whose codec made the latents stored in every shard folder feeding it (make_shards
+    # --latents) is read from them, never encoded; latents of another codec fail at start. never: encode.
+    latents: str = "auto"
 
     def __post_init__(self) -> None:
         if self.pack and self.tokens_per_batch <= 0:
@@ -216,6 +219,8 @@ class DataConfig:
             raise ConfigError(f"data.image_fit {self.image_fit!r} is not one of crop, pad")
         if not self.worker_timeout_s > 0:
             raise ConfigError(f"data.worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+        if self.latents not in ("auto", "never"):
+            raise ConfigError(f"data.latents {self.latents!r} is not one of auto, never")
         if self.clip_window not in ("random", "start"):
             raise ConfigError(f"data.clip_window {self.clip_window!r} is not one of random, start")
         if self.open_retries < 0 or self.retry_wait_s < 0:

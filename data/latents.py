@@ -1,12 +1,20 @@
-"""Precomputed codec latents for make_shards `--latents DIR`: a sample's stored media, decoded exactly as
-the training pipeline decodes them, encoded by a frozen diffusers autoencoder.
+"""Codec latents stored in shards: written by make_shards `--latents DIR` (a sample's media, decoded
+exactly as the training pipeline decodes them, encoded by a frozen diffusers autoencoder) and read by
+training in place of decoding and encoding the media.
 
     options = LatentOptions(("ae/kl", "ae/oobleck"), spec)  # AutoencoderKL: image + video; Oobleck: audio
     latent_fields("av", {"mp4": data}, options)  # {"video_latent.npy": ..., "audio_latent.npy": ...}
+    options.record()  # the manifest's "latents": {modality: codec class, config / weights hash, shape}
+    stored_modalities("shards/", {}, ["av"], {"video": "ae/wan"}, spec)  # frozenset({"video"}) or DataError
 
 Fields (float32 `.npy`, no batch axis): image `latent.npy` [C, h, w], video `video_latent.npy`
 [C, T, h, w], audio `audio_latent.npy` [C, n]; an av sample gets both of its modalities. The codec is
 checked against the clip spec (latent channels, strides), so the spec must describe the codec.
+
+Training reads a modality's latents when every shard folder that feeds it was made with the run's codec
+(`stored_modalities`: class, config and, when the run's folder has them, weights; and the latent shape of
+the run's spec); a folder with latents of another codec is a DataError at start, a source without stored
+latents (a folder made without `--latents`, a tar pattern, a URL) makes the run encode that modality.
 
 Torch runs single-threaded here: the float sums are then the same in every process, and the shard
 bytes do not depend on `--workers`. Torch and diffusers are imported only when latents are asked for.
@@ -25,7 +33,8 @@ import numpy as np
 from selfflow.data.avio import decode_audio, decode_av
 from selfflow.data.decode import IMAGE_FIELDS, open_image, resize_center_crop, to_channels
 from selfflow.data.fields import TASK_MODALITIES, VIDEO_CONTAINERS
-from selfflow.tokenizers.codecs import SUPPORTED_AUTOENCODERS
+from selfflow.data.sources import MANIFEST, split_sources
+from selfflow.tokenizers.codecs import SUPPORTED_AUTOENCODERS, codec_stamp
 from selfflow.tokenizers.spec import ClipSpec
 
 LATENT_FIELDS = {"image": "latent.npy", "video": "video_latent.npy", "audio": "audio_latent.npy"}
@@ -38,8 +47,9 @@ class LatentOptions:
     spec: ClipSpec
 
     def sources(self) -> dict[str, str]:
-        """modality -> autoencoder folder, from the class named in each folder's config.json."""
-        found: dict[str, str] = {}
+        """modality -> autoencoder folder, from the class named in each folder's config.json. A class of
+        one modality (Wan: video) takes it before a class of several (KL: image and video) fills the rest."""
+        classes = {}
         for folder in self.folders:
             config = Path(folder) / "config.json"
             if not config.is_file():
@@ -49,13 +59,29 @@ class LatentOptions:
                 raise ValueError(
                     f"--latents {folder}: {name!r} is not one of {', '.join(SUPPORTED_AUTOENCODERS)}"
                 )
-            for modality in SUPPORTED_AUTOENCODERS[name]:
-                if modality in found:
-                    raise ValueError(
-                        f"--latents: two autoencoders for {modality} ({found[modality]}, {folder})"
-                    )
-                found[modality] = folder
+            classes[folder] = SUPPORTED_AUTOENCODERS[name]
+        found: dict[str, str] = {}
+        for single in (True, False):
+            taken = dict(found)
+            for folder, modalities in classes.items():
+                if (len(modalities) == 1) != single:
+                    continue
+                for modality in modalities:
+                    if modality in taken:
+                        continue  # a one-modality codec has it
+                    if modality in found:
+                        raise ValueError(
+                            f"--latents: two autoencoders for {modality} ({found[modality]}, {folder})"
+                        )
+                    found[modality] = folder
         return found
+
+    def record(self) -> dict[str, dict]:
+        """What the manifest says of the latents: per modality the codec's stamp and the latent shape."""
+        return {
+            m: {**codec_stamp(folder), "shape": list(self.spec.latent_shape(m))}
+            for m, folder in self.sources().items()
+        }
 
     def stamp(self) -> list:
         """What identifies the codecs for resuming: every file's name, size and modification time."""
@@ -116,3 +142,90 @@ def latent_fields(task: str, fields: dict, options: LatentOptions) -> dict[str, 
         np.save(buf, z, allow_pickle=False)
         out[LATENT_FIELDS[modality]] = buf.getvalue()
     return out
+
+
+# ---------------------------------------------------------------- reading them back
+class LatentMismatch(ValueError):
+    """Shards whose stored latents do not fit the run's codec or spec."""
+
+
+def read_latent(raw: dict, modality: str, spec: ClipSpec) -> np.ndarray:
+    """A sample's stored latents of `modality` as float32, channels first; ValueError naming the problem.
+    The `.npy` header is checked (shape of the spec, float32 / float16, C order, the byte count) before
+    anything is allocated, and nothing is unpickled."""
+    name = LATENT_FIELDS[modality]
+    if name not in raw:
+        raise ValueError(f"no {name} field (this run reads stored {modality} latents)")
+    data, shape = raw[name], spec.latent_shape(modality)
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"npy format version {version}")
+        read = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        got, fortran, dtype = read(f)
+    except ValueError as err:
+        raise ValueError(f"{name} is not an .npy array ({err})") from err
+    if tuple(got) != shape or fortran or dtype not in (np.dtype("<f4"), np.dtype("<f2")):
+        raise ValueError(f"{name} holds {dtype} {tuple(got)}; the spec needs float32 {shape}")
+    body = memoryview(data)[f.tell() :]
+    if len(body) != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{name} has {len(body)} bytes of data for {shape} {dtype}")
+    return np.frombuffer(body, dtype).reshape(shape).astype(np.float32)
+
+
+def _manifest(source: str) -> dict | None:
+    path = Path(source) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check(record: object, run: dict, shape: tuple[int, ...], modality: str, source: str) -> None:
+    """LatentMismatch unless a manifest's record of `modality` latents is of the run's codec and shape."""
+    fix = "rebuild the shards with make_shards --latents <the run's codec>, or set data.latents=never"
+    if not isinstance(record, dict):
+        raise LatentMismatch(
+            f"{source}: its {modality} latents carry no codec stamp (older make_shards); {fix}"
+        )
+    same = record.get("class") == run["class"] and record.get("config") == run["config"]
+    if run["weights"] is not None and record.get("weights") != run["weights"]:
+        same = False
+    if not same:
+        had = f"{record.get('class')} config {record.get('config')} weights {record.get('weights')}"
+        want = f"{run['class']} config {run['config']} weights {run['weights'] or '(not in the folder)'}"
+        raise LatentMismatch(
+            f"{source} holds {modality} latents of another codec ({had}; codecs.{modality} is {want}); {fix}"
+        )
+    if tuple(record.get("shape", ())) != shape:
+        raise LatentMismatch(
+            f"{source} holds {modality} latents of shape {tuple(record.get('shape', ()))}, the run's spec "
+            f"needs {shape}; {fix}"
+        )
+
+
+def stored_modalities(
+    shards: str, task_shards: dict[str, str], tasks: list[str], codecs: dict[str, str], spec: ClipSpec
+) -> frozenset[str]:
+    """The modalities this run reads from stored latents instead of encoding media: those whose codec
+    (`codecs`: {modality: autoencoder folder}; "identity" never) stamped the latents of every source that
+    feeds a task of the modality. LatentMismatch at the first source with latents of another codec."""
+    sources = [(s, _manifest(s)) for s in split_sources(shards)]
+    typed = [(task, s) for task, value in (task_shards or {}).items() for s in split_sources(value)]
+    use = set()
+    for modality, folder in codecs.items():
+        wanted = [t for t in tasks if modality in TASK_MODALITIES[t]]
+        if folder == "identity" or not wanted:
+            continue
+        run, shape = codec_stamp(folder), spec.latent_shape(modality)
+        feeding = [
+            (s, manifest) for s, manifest in sources
+            if manifest is None or any(manifest.get("counts", {}).get(t) for t in wanted)
+        ] + [(s, None) for task, s in typed if task in wanted]  # fmt: skip
+        stored = [(s, (manifest or {}).get("latents", {}).get(modality)) for s, manifest in feeding]
+        for source, record in stored:
+            if record is not None:
+                _check(record, run, shape, modality, source)
+        if feeding and all(record is not None for _, record in stored):
+            use.add(modality)
+    return frozenset(use)

@@ -63,6 +63,7 @@ class MediaBatch:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # ("shard:key", reason) met on the way
     # packed: each sample's task, in order; media[m] stacks, in sample order, the samples that have m
     tasks: tuple[str, ...] = ()
+    latents: frozenset[str] = frozenset()  # modalities whose media[m] are stored codec latents, not media
 
 
 def available_tasks(
@@ -105,7 +106,8 @@ class DataPipeline:
     """Per-task streams mixed by weight; each batch holds one task with that task's batch size.
     `shards` names sources, comma-separated (`data/sources.py`): a task reads its typed shards and every
     mixed shard, where it takes the samples whose fields make them its own. `options` are TaskStream's
-    (shuffle_buffer, strict, image_fit, limits, caption_key, clip_window, open_retries, retry_wait_s)."""
+    (shuffle_buffer, strict, image_fit, limits, caption_key, clip_window, open_retries, retry_wait_s,
+    latents: the modalities read from stored codec latents)."""
 
     def __init__(
         self,
@@ -155,6 +157,7 @@ class DataPipeline:
                 f"data.tokens_per_batch={tokens_per_batch} is below one sample: {self.sample_tokens}"
             )
         self.seed, self.rank, self.worker, self.batches = seed, rank, worker, 0
+        self.latents = frozenset(options.get("latents", ()))
         self.allow_changed_shards = allow_changed_shards
         proc = {"rank": rank, "world": world, "worker": worker, "workers": workers}
         lists = {t: sets.typed.get(t, []) + sets.mixed for t in self.tasks}
@@ -199,8 +202,8 @@ class DataPipeline:
             s.recent = []
         captions, keys = [s.caption for s in samples], [s.key for s in samples]
         if self.tokens_per_batch:
-            return MediaBatch("packed", media, captions, keys, skipped, tuple(tasks))
-        return MediaBatch(tasks[0], media, captions, keys, skipped)
+            return MediaBatch("packed", media, captions, keys, skipped, tuple(tasks), self.latents)
+        return MediaBatch(tasks[0], media, captions, keys, skipped, latents=self.latents)
 
     @property
     def skipped_count(self) -> int:
@@ -299,6 +302,7 @@ class WorkerPipeline:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.kwargs, self.workers, self.timeout = kwargs, workers, timeout
+        self.latents = frozenset(kwargs.get("latents", ()))
         probe = DataPipeline(**kwargs, worker=workers - 1, workers=workers)  # fail now on too few shards
         self.fingerprints = probe.fingerprints
         if not kwargs.get("weights"):  # the tasks are found once, here, and not again in each worker

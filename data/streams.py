@@ -24,11 +24,13 @@ from selfflow.data.decode import FITS, LIMITS, DecodeLimits, open_image, to_chan
 from selfflow.data.fields import (
     AUDIO_CONTAINERS,
     TASK_FIELDS,
+    TASK_MODALITIES,
     VIDEO_CONTAINERS,
     caption_of,
     infer_task,
     media_field,
 )
+from selfflow.data.latents import read_latent
 from selfflow.data.shards import is_url, iter_tar_samples, shard_error
 from selfflow.tokenizers.spec import ClipSpec
 
@@ -55,13 +57,15 @@ def decode_sample(
     limits: DecodeLimits = LIMITS,
     caption_key: str = "caption",
     rng: np.random.Generator | None = None,
+    latents: frozenset[str] = frozenset(),
 ) -> Sample:
     """A raw tar sample {"__key__", field: bytes} -> Sample; DataError naming the problem, whatever
     failed (MemoryError and unexpected decoder errors included). Images meet the spec's size by
     `image_fit`: "crop" (cover, cut the centre) or "pad" (fit inside, extend the border). A clip longer
-    than the spec's duration gives a window at a start drawn from `rng` (its first seconds without)."""
+    than the spec's duration gives a window at a start drawn from `rng` (its first seconds without).
+    The modalities in `latents` are the sample's stored codec latents (`data/latents.py`), not decoded."""
     try:
-        return _decode(raw, task, spec, image_fit, limits, caption_key, rng)
+        return _decode(raw, task, spec, image_fit, limits, caption_key, rng, latents)
     except DataError:
         raise
     except ValueError as err:
@@ -85,14 +89,21 @@ def _decode(
     limits: DecodeLimits,
     caption_key: str,
     rng: np.random.Generator | None,
+    latents: frozenset[str],
 ) -> Sample:
     key = str(raw["__key__"])
     if "__error__" in raw:
         raise DataError(str(raw["__error__"]))
+    caption = caption_of(raw, caption_key)
+    stored = {m: read_latent(raw, m, spec) for m in TASK_MODALITIES[task] if m in latents}
+    if len(stored) == len(TASK_MODALITIES[task]):  # nothing left to decode
+        return Sample(key, stored, caption)
+    if stored:  # stored latents cover the clip's first window: the decoded part must match them
+        rng = None
     name = media_field(raw, task)
     if name is None:
         raise DataError(f"no {'/'.join(TASK_FIELDS[task])} field")
-    caption, data = caption_of(raw, caption_key), raw[name]
+    data = raw[name]
     if task == "image":
         img = to_channels(open_image(data, limits), spec.video_channels)
         pixels = np.asarray(FITS[image_fit](img, spec.image_height, spec.image_width), np.float32)
@@ -104,11 +115,13 @@ def _decode(
     else:
         box = VIDEO_CONTAINERS[name]
         start = _window_start(probe(data, limits, box).duration, spec, rng) if rng is not None else 0.0
-        clip = decode_av(data, spec, start, video=True, audio=task == "av", limits=limits, container=box)
-        media = {"video": clip.video.astype(np.float32).transpose(3, 0, 1, 2) / 127.5 - 1}  # [C, T, H, W]
+        video, audio = "video" not in stored, task == "av" and "audio" not in stored
+        clip = decode_av(data, spec, start, video=video, audio=audio, limits=limits, container=box)
+        media = {} if clip.video is None else {"video": clip.video.astype(np.float32).transpose(3, 0, 1, 2)}
+        media = {m: x / 127.5 - 1 for m, x in media.items()}  # [C, T, H, W] in [-1, 1]
         if clip.audio is not None:
             media["audio"] = clip.audio
-    return Sample(key, media, caption)
+    return Sample(key, {**media, **stored}, caption)
 
 
 def _shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -147,6 +160,7 @@ class TaskStream:
     accounting: bool = True  # counts faults of the mixed shards (one stream of those that share them)
     open_retries: int = 3  # a URL shard that fails is opened again this often, then skipped
     retry_wait_s: float = 1.0  # before the first retry; doubled each time
+    latents: frozenset[str] = frozenset()  # modalities read from stored codec latents (data/latents.py)
     epoch: int = 0
     position: int = 0  # raw samples consumed in this epoch, bad ones included
     skipped: dict[str, str] = field(default_factory=dict)  # "shard:key" -> reason (the latest _KEEP)
@@ -250,8 +264,9 @@ class TaskStream:
                     continue
             try:
                 return decode_sample(
-                    raw, self.task, self.spec, self.image_fit, self.limits, self.caption_key, self._rng()
-                )
+                    raw, self.task, self.spec, self.image_fit, self.limits, self.caption_key, self._rng(),
+                    self.latents,
+                )  # fmt: skip
             except DataError as err:
                 self._fault(where, str(err))
 

@@ -58,7 +58,9 @@ def batch_losses(
 ) -> Tensor:
     """Velocity MSE of every sample at every level -> [len(levels), B], one noise draw for all levels."""
     device = next(model.parameters()).device
-    x0, ids = media.encode({m: x.to(device) for m, x in batch.media.items()})  # {m: [B, L_m, C_m]}, [L, 4]
+    x0, ids = media.encode(
+        {m: x.to(device) for m, x in batch.media.items()}, batch.latents
+    )  # {m: [B, L_m, C_m]}
     eps = {m: torch.randn(x.shape, generator=generator, dtype=x.dtype).to(device) for m, x in x0.items()}
     txt, mask = encode_text(batch.captions)  # [B, Lt], [B, Lt]
     b = len(batch.captions)

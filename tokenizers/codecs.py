@@ -145,10 +145,15 @@ class DiffusersAutoencoder(nn.Module):
         self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32), persistent=False)
 
     @property
+    def has_weights(self) -> bool:
+        """Whether the folder holds weights (a folder with only config.json serves stored latents)."""
+        return "ae" in self._modules or any(p.suffix in WEIGHT_SUFFIXES for p in self.path.rglob("*"))
+
+    @property
     def autoencoder(self) -> nn.Module:
         """The diffusers model, loaded from the folder on first use (FileNotFoundError without weights)."""
         if "ae" not in self._modules:
-            if not any(p.suffix in WEIGHT_SUFFIXES for p in self.path.rglob("*")):
+            if not self.has_weights:
                 raise FileNotFoundError(
                     f"{self.path} has a config.json but no weights: encoding or decoding "
                     f"{self.modality} needs them"

@@ -7,6 +7,8 @@ tokens of all of them, concatenated in dict order, with their position ids.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import Tensor
 
@@ -53,10 +55,14 @@ class MediaTokenizer:
         """[L, 4] positions of the packed sequence of these modalities, in this order."""
         return torch.cat([self.patchifiers[m].position_ids() for m in modalities])
 
-    def encode(self, media: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-        """{modality: media} -> ({modality: tokens [B, L_m, C_m]}, ids [L, 4])."""
+    def encode(
+        self, media: dict[str, Tensor], latents: Collection[str] = ()
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """{modality: media} -> ({modality: tokens [B, L_m, C_m]}, ids [L, 4]). The modalities in
+        `latents` hold the codec's latents already (stored in shards): they skip the codec."""
         tokens = {
-            m: self.patchifiers[m].patchify(self._gain(m, self.codec(m).encode(x))) for m, x in media.items()
+            m: self.patchifiers[m].patchify(self._gain(m, x if m in latents else self.codec(m).encode(x)))
+            for m, x in media.items()
         }
         return tokens, self.position_ids(list(media))
 

@@ -117,6 +117,22 @@ class ClipSpec:
         frames = _divide(self.num_samples, self.audio_stride, "audio samples / codec stride")
         return _divide(frames, self.audio_patch, "audio latent frames / audio patch")
 
+    def latent_shape(self, modality: str) -> tuple[int, ...]:
+        """One sample's codec latents, channels first: image [C, h, w], video [C, T', h, w], audio [C, n]."""
+        space = self.space_stride
+        if modality == "image":
+            return self.image_latent_channels, self.image_height // space, self.image_width // space
+        if modality == "video":
+            return (
+                self.video_latent_channels,
+                self.video_latent_frames,
+                self.height // space,
+                self.width // space,
+            )
+        if modality == "audio":
+            return self.audio_latent_channels, self.num_samples // self.audio_stride
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+
     def tokens(self, modality: str) -> int:
         grids = {"image": self.image_grid, "video": self.video_grid, "audio": (self.audio_grid,)}
         if modality not in grids:

@@ -126,7 +126,7 @@ def _write(args: argparse.Namespace, work: Callable[..., Outcome], staged: Stage
         "skipped": len(skips),
         **sample_stats(accepted),
         "spec": {**asdict(args.target), "preset": args.spec},
-        "latents": args.latent_options.sources() if args.latent_options else {},
+        "latents": args.latent_options.record() if args.latent_options else {},
         "shards": {task: [info.to_json() for info in infos] for task, infos in shards.items()},
         "args": _args_record(args),
     }

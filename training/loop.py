@@ -26,7 +26,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from selfflow.configs.schema import Config, ConfigError, TrainConfig, save_config
-from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, MediaBatch, WorkerPipeline
+from selfflow.data.latents import stored_modalities
+from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, MediaBatch, WorkerPipeline, available_tasks
 from selfflow.inference.pipeline import Generator, image_grid, pick_device, save_image
 from selfflow.inference.samplers import SamplingStopped
 from selfflow.models.factory import (
@@ -37,6 +38,7 @@ from selfflow.models.factory import (
 )
 from selfflow.models.packing import pack_tokens
 from selfflow.tokenizers.media import MediaTokenizer
+from selfflow.tokenizers.spec import MODALITIES
 from selfflow.training import distributed as dist_io
 from selfflow.training.distributed import SINGLE, Dist, any_rank
 from selfflow.training.ema import EMA, make_emas
@@ -148,12 +150,18 @@ def build_trainer(cfg: Config, device: str | torch.device | None = None, dist: D
 
 
 def make_batch(
-    tr: Trainer, media: dict[str, Tensor], captions: list[str], tasks: tuple[str, ...] = ()
+    tr: Trainer,
+    media: dict[str, Tensor],
+    captions: list[str],
+    tasks: tuple[str, ...] = (),
+    latents: frozenset[str] = frozenset(),
 ) -> Batch:
     """Raw media {modality: [B, ...]} + captions -> the objective's Batch on the training device. With
     `tasks` (a packed MediaBatch: sample i has task i, media[m] stacks the samples that have m), the
-    samples are packed into one row (models/packing.py)."""
-    tokens, ids = tr.media.encode({m: x.to(tr.device, non_blocking=True) for m, x in media.items()})
+    samples are packed into one row (models/packing.py). The modalities in `latents` are stored codec
+    latents already, not encoded again."""
+    on_device = {m: x.to(tr.device, non_blocking=True) for m, x in media.items()}
+    tokens, ids = tr.media.encode(on_device, latents)
     txt, mask = tr.encode_text(captions)
     if not tasks:
         return Batch(tokens, ids.to(tr.device), txt, mask, task=TASK_OF[tuple(sorted(media))])
@@ -186,6 +194,10 @@ def build_data(cfg: Config, dist: Dist = SINGLE) -> DataPipeline | WorkerPipelin
         batch_size=cfg.train.batch_size,
     )
     kwargs |= {name: getattr(d, name) for name in _READER_OPTIONS}
+    if d.latents == "auto":  # read the codec latents the shards store, where they are the run's codec's
+        tasks = [t for t, w in d.weights.items() if w > 0] or available_tasks(d.shards, d.task_shards)
+        codecs = {m: getattr(cfg.codecs, m) for m in MODALITIES}
+        kwargs["latents"] = stored_modalities(d.shards, d.task_shards, tasks, codecs, cfg.spec)
     if d.pack:  # one row of samples of any task per batch, up to the token budget
         kwargs |= dict(tokens_per_batch=d.tokens_per_batch, text_tokens=cfg.text.max_len)
     if d.num_workers > 0:
@@ -198,7 +210,7 @@ def data_stream(tr: Trainer, data: DataPipeline | WorkerPipeline) -> Iterator[tu
     pipeline."""
     for item in data:
         tr.skipped = data.skipped_count
-        yield make_batch(tr, item.media, item.captions, item.tasks), item
+        yield make_batch(tr, item.media, item.captions, item.tasks, item.latents), item
 
 
 def step_batches(
@@ -220,11 +232,19 @@ def _grid_task(batch: Batch) -> str:
     return next((t for t in tasks if t != "audio"), tasks[0])
 
 
-def _draw_grid(tr: Trainer, sampler: Generator, prompts: list[str], task: str, stop: Preemption) -> None:
+def _draw_grid(
+    tr: Trainer, sampler: Generator, prompts: list[str], task: str, stop: Preemption, logger: RunLogger
+) -> None:
     """Rank 0 writes a grid of samples. Under FSDP2 the EMA forward is collective, so every rank draws it
-    (and the grid is not abandoned on a preemption signal, which may have reached one rank only)."""
+    (and the grid is not abandoned on a preemption signal, which may have reached one rank only). A codec
+    folder without weights (a run on stored latents) cannot decode: the grid is skipped and logged."""
     main, sharded = tr.dist.is_main, tr.dist.fsdp and tr.dist.multi
     if not (main or sharded):
+        return
+    blind = [m for m in TASK_MODALITIES[task] if not getattr(tr.media.codec(m), "has_weights", True)]
+    if blind:
+        reason = f"codecs.{blind[0]} has only a config.json: decoding samples needs the autoencoder's weights"
+        logger.log(tr.step, {"event": "sample_grid_skipped", "reason": reason})
         return
     grid = Path(tr.cfg.run.dir) / "samples" / f"step_{tr.step:08d}.png" if main else None
     should_stop = None if sharded else lambda: stop.requested is not None
@@ -320,6 +340,8 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
     cfg, run_dir, main = tr.cfg, Path(tr.cfg.run.dir), tr.dist.is_main
     tr.data = build_data(cfg, tr.dist)
     started_from, events = None, plan.events()
+    if tr.data.latents:  # these modalities are read from the shards' latents, never encoded
+        events.append({"event": "stored_latents", "modalities": sorted(tr.data.latents)})
     if plan.ckpt is not None:
         events += restore(tr, plan.ckpt)
     elif cfg.train.init_from:  # a fresh run that starts from trained weights
@@ -357,7 +379,7 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
             if tr.step % cfg.train.log_every == 0 or done:
                 last = _log_interval(tr, meter, logger, bar)
             if (cfg.sample.every and tr.step % cfg.sample.every == 0) or done:
-                _draw_grid(tr, sampler, prompts, grid_task, stop)
+                _draw_grid(tr, sampler, prompts, grid_task, stop, logger)
             stopping = _stop_signal(tr, stop)
             if tr.step % cfg.train.ckpt_every == 0 or done or stopping:
                 summary["checkpoint"] = str(save(tr, run_dir))

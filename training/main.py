@@ -20,7 +20,8 @@ consecutive NaN/Inf steps (none of which was applied). Exit 2 prints one line `e
 - ConfigError: a bad config or override, a checkpoint of another model or process layout, checkpoints
   under run.dir none of which is usable (without train.restart=true);
 - FileNotFoundError: missing shards or files;
-- DataError (selfflow.data.pipeline): a bad sample under data.strict, or unusable shards;
+- DataError (selfflow.data.pipeline): a bad sample under data.strict, or unusable shards; LatentMismatch:
+  shards whose stored latents are of another codec or shape than the run's (data.latents);
 - CheckpointError / SafetensorError: a checkpoint file that passed the size check but cannot be read;
 - MetricsError: a damaged line (not the last) in run.dir/metrics.jsonl;
 - RunLocked: run.dir is in use by another live run (the message names its pid, host and start time);
@@ -57,12 +58,13 @@ def _bad_input() -> tuple[type[BaseException], ...]:
     """BAD_INPUT plus the error types of the training stack (imported only when a run starts)."""
     from safetensors import SafetensorError
 
+    from selfflow.data.latents import LatentMismatch
     from selfflow.data.pipeline import DataError
     from selfflow.training.checkpoint import CheckpointError
     from selfflow.training.runlock import RunLocked
     from selfflow.training.tracking import MetricsError
 
-    return (*BAD_INPUT, DataError, CheckpointError, SafetensorError, MetricsError, RunLocked)
+    return (*BAD_INPUT, DataError, LatentMismatch, CheckpointError, SafetensorError, MetricsError, RunLocked)
 
 
 def _fail(e: BaseException, code: int) -> int:
