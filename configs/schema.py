@@ -54,6 +54,9 @@ class TextConfig:
     tokenizer: str = "byte"  # byte | sentencepiece | encoder (a frozen transformers text encoder)
     path: str = ""  # sentencepiece .model file, or a local transformers encoder directory
     max_len: int = 64  # captions are padded / truncated to this many tokens
+    # encoder: its feature width; 0 reads it from text.path's config.json (sizing a preset, e.g.
+    # tools/model_info.py, then needs no encoder folder; with the folder present the two must agree)
+    dim: int = 0
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TEXT_TOKENIZERS:

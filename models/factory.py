@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from selfflow.configs.schema import Config, TextConfig
+from selfflow.configs.schema import Config, ConfigError, TextConfig
 from selfflow.models.mmdit import MMDiT, MMDiTParams
 from selfflow.tokenizers.codecs import build_codec
 from selfflow.tokenizers.media import MediaTokenizer
@@ -22,9 +22,14 @@ def text_input_size(text: TextConfig) -> tuple[int, int]:
     if text.tokenizer == "encoder":
         config_file = Path(text.path) / "config.json"
         if not config_file.is_file():
+            if text.dim > 0:  # sizing without the encoder
+                return 0, text.dim
             raise FileNotFoundError(f"text encoder config not found: {config_file}")
         enc = json.loads(config_file.read_text())
-        return 0, int(enc.get("d_model") or enc["hidden_size"])
+        width = int(enc.get("d_model") or enc["hidden_size"])
+        if text.dim and text.dim != width:
+            raise ConfigError(f"text.dim={text.dim}, but the encoder at {text.path} has width {width}")
+        return 0, width
     from selfflow.tokenizers.text import build_text_tokenizer
 
     return build_text_tokenizer(text.tokenizer, text.path or None).vocab_size, 0

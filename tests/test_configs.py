@@ -145,3 +145,45 @@ def test_lr_schedules_warm_up_then_decay_as_named(schedule):
     assert middle == pytest.approx(expected[0]) and last == pytest.approx(expected[1])
     with pytest.raises(ConfigError, match="train.schedule 'step' is not one of"):
         load_config("tiny", ["train.schedule=step"])
+
+
+@pytest.mark.parametrize("name", ["base", "4b"])
+def test_large_presets_describe_latent_runs_with_the_codecs_people_have(name, tmp_path):
+    """base / 4b: codec latents of a 16-channel 8x KL image autoencoder, diffusers' default Wan 2.1 VAE
+    and the default (Stable Audio) Oobleck, whose config.json alone is checked against the spec here; a
+    frozen text encoder; logit-normal p(t) per task with the paper's shifts."""
+    import diffusers
+    import torch
+
+    from selfflow.tokenizers.codecs import build_codec
+
+    cfg = load_config(name)
+    kl = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16)  # fmt: skip
+    builders = {"image": lambda: diffusers.AutoencoderKL(**kl), "video": diffusers.AutoencoderKLWan,
+                "audio": diffusers.AutoencoderOobleck}  # fmt: skip
+    for modality, make in builders.items():
+        assert getattr(cfg.codecs, modality) != "identity"
+        with torch.device("meta"):
+            make().save_config(tmp_path / modality)  # config.json only, as a user's folder has it
+        codec = build_codec(str(tmp_path / modality), modality, cfg.spec)  # raises on any mismatch
+        assert not list(codec.parameters())
+    assert cfg.text.tokenizer == "encoder" and cfg.text.dim == 4096
+    shifts = {task: (d.kind, d.shift) for task, d in cfg.objective.timesteps.items()}
+    assert shifts == {"image": ("logit_normal", 4.63), "video": ("logit_normal", 2.95),
+                      "audio": ("logit_normal", 1.0), "av": ("logit_normal", 2.95)}  # fmt: skip
+    assert cfg.spec.num_frames in (45, 81) and cfg.spec.sample_rate == 44_100
+    if name == "base":  # the paper's T2V clip: 45 frames at 192p, ~3k tokens
+        assert [cfg.spec.tokens(m) for m in ("image", "video", "audio")] == [256, 3024, 60]
+
+
+def test_model_info_sizes_a_realistic_sample():
+    run = subprocess.run(
+        [sys.executable, "tools/model_info.py", "base"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    real = run.stdout.split("a realistic sample: ")[1]
+    assert real.startswith("5.02 s of 480x848 video at 16.15 fps with 44.1 kHz audio; a 1024 px image")
+    tokens = dict(re.findall(r"^\s+(image|video|audio)\s+(\d+) tokens", real, re.M))
+    assert tokens == {"image": "4096", "video": "33390", "audio": "108"}  # 64 x 64; 21 x 30 x 53; 108
+    assert re.search(r"^\s+av\s+33626\s+", real, re.M)  # + 128 text tokens

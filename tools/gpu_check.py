@@ -12,6 +12,11 @@ memory, and the attention kernels the profiler saw. The `self_flow` / `vanilla` 
 given per preset, and `self_flow_packed`: the same images packed into one row (data.pack's layout,
 attention kept per sample), with its tokens/s over the unpacked batch's. `4b` runs with activation
 checkpointing, and only when its training state (20 bytes per parameter) fits the device.
+
+The batches are random codec latents (the transformer's input; no codec runs). For a preset whose
+codec or text encoder folders are not on the machine (`base`, `4b` name `models/...`), the check writes
+config.json-only stand-ins of the classes they name (`stand_ins`) and uses the byte tokenizer for
+captions: the transformer's cost is the same up to its text input layer.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +34,8 @@ import torch
 
 from selfflow.configs import load_config
 from selfflow.models.factory import build_model
-from selfflow.tools.bench_step import random_media, sync
+from selfflow.tokenizers.spec import MODALITIES
+from selfflow.tools.bench_step import sync
 from selfflow.tools.model_info import training_flops
 from selfflow.training.loop import build_trainer, make_batch
 from selfflow.training.step import train_step
@@ -75,15 +82,46 @@ def flops_per_sample(cfg: Any, objective: str) -> int:
     return counts["total"] if objective == "self_flow" else counts["student_fwd_bwd"]
 
 
+def _kl16() -> Any:
+    import diffusers
+
+    down, up = ("DownEncoderBlock2D",) * 4, ("UpDecoderBlock2D",) * 4
+    return diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=down,
+                                   up_block_types=up, latent_channels=16)  # fmt: skip
+
+
+def stand_ins(preset: str, folder: Path) -> list[str]:
+    """Overrides for the preset's codec / text encoder folders that are not here: config.json-only
+    folders of a 16-channel 8x KL (images), diffusers' default Wan VAE (video) and Oobleck (audio), and
+    the byte tokenizer for captions."""
+    import diffusers
+
+    cfg, out = load_config(preset), []
+    makers = {"image": _kl16, "video": diffusers.AutoencoderKLWan, "audio": diffusers.AutoencoderOobleck}
+    for m in MODALITIES:
+        source = getattr(cfg.codecs, m)
+        if source == "identity" or (Path(source) / "config.json").is_file():
+            continue
+        with torch.device("meta"):
+            makers[m]().save_config(folder / m)
+        out.append(f"codecs.{m}={folder / m}")
+    if cfg.text.tokenizer == "encoder" and not (Path(cfg.text.path) / "config.json").is_file():
+        out.append("text.tokenizer=byte")
+    return out
+
+
 def time_objective(
     preset: str, objective: str, args: argparse.Namespace, extra: list[str], packed: bool = False
 ) -> dict:
     """One row of the table; `packed`: the same images packed into one row (attention per sample)."""
-    cfg = load_config(preset, [f"objective.name={objective}", f"train.device={args.device}", *extra])
-    tr = build_trainer(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        over = [f"objective.name={objective}", f"train.device={args.device}", *stand_ins(preset, Path(tmp))]
+        cfg = load_config(preset, [*over, *extra])
+        tr = build_trainer(cfg)
     tasks = ("image",) * args.batch if packed else ()
-    media, captions = random_media(cfg.spec, "image", args.batch), ["a photo of a bag"] * args.batch
-    batch = make_batch(tr, media, captions, tasks)
+    latents = torch.randn(args.batch, *cfg.spec.latent_shape("image"))  # [B, C, h, w]
+    captions = ["a photo of a bag"] * args.batch
+    batch = make_batch(tr, {"image": latents}, captions, tasks, frozenset({"image"}))
     train_step(tr, batch)  # warm-up: allocation, kernel selection
     if tr.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(tr.device)
