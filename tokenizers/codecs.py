@@ -147,7 +147,7 @@ class DiffusersAutoencoder(nn.Module):
     @property
     def has_weights(self) -> bool:
         """Whether the folder holds weights (a folder with only config.json serves stored latents)."""
-        return "ae" in self._modules or any(p.suffix in WEIGHT_SUFFIXES for p in self.path.rglob("*"))
+        return "ae" in self._modules or any(p.suffix in WEIGHT_SUFFIXES for p in self.path.glob("*"))
 
     @property
     def autoencoder(self) -> nn.Module:
@@ -221,11 +221,11 @@ Codec = IdentityCodec | DiffusersAutoencoder
 
 def codec_stamp(path: str | Path) -> dict[str, str | None]:
     """What identifies a folder's codec: its class, a hash of config.json (keys not starting with "_":
-    no diffusers version or origin) and a hash of its weight files (None when it has none)."""
+    no diffusers version or origin) and a hash of the weight files at its top level (None without any)."""
     folder = Path(path)
     config = read_config(folder)
     own = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")}
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     weights = None
     if files:
         digest = hashlib.sha256()
