@@ -2,7 +2,10 @@
 
     model.safetensors   EMA weights (float16 by default: half the bytes, loaded back as float32)
     config.json         the resolved training config
-    snapshot.json       {"format": 1, "sha256": <of model.safetensors>, "dtype", "step", "source"}
+    snapshot.json       {"format": 1, "sha256": <of model.safetensors>, "dtype", "step", "source",
+                         "codecs": {<file>: <sha256>}}
+    codecs/<modality>/  the run's diffusers autoencoders (config.json + weights), when it has any; the
+                        config names them relative to the snapshot (`codecs.video: codecs/video`)
 
 `export_snapshot` makes one from a training checkpoint; `read_snapshot` checks the digest before it
 trusts the weights, so a damaged or swapped file is an error, not a silently different model. Nothing
@@ -25,6 +28,8 @@ from torch import Tensor
 from selfflow.configs.schema import Config, config_to_dict, load_config
 from selfflow.data.atomic import usual_permissions
 from selfflow.data.shards import sha256_file
+from selfflow.tokenizers.codecs import WEIGHT_SUFFIXES
+from selfflow.tokenizers.spec import MODALITIES
 from selfflow.training.checkpoint import load_weights, resolve_checkpoint
 
 WEIGHTS, CONFIG, INFO = "model.safetensors", "config.json", "snapshot.json"
@@ -49,8 +54,10 @@ def export_snapshot(ckpt: str | Path, out: str | Path, dtype: str = "float16", w
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
     try:
         save_file(state, str(tmp / WEIGHTS))
+        codecs = _copy_codecs(cfg, tmp)
         (tmp / CONFIG).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
         info = {"format": FORMAT, "sha256": sha256_file(tmp / WEIGHTS), "dtype": dtype, "step": step}
+        info |= {"codecs": codecs} if codecs else {}
         (tmp / INFO).write_text(json.dumps({**info, "source": f"{ckpt.name} ({weights})"}, indent=2) + "\n")
         usual_permissions(tmp)
         old = out.with_name(f".old-{out.name}")  # replace a previous export only once this one is whole
@@ -65,8 +72,29 @@ def export_snapshot(ckpt: str | Path, out: str | Path, dtype: str = "float16", w
     return out
 
 
+def _copy_codecs(cfg: Config, out: Path) -> dict[str, str]:
+    """Copy the run's autoencoder folders (top-level config and weight files) into `out/codecs/`, point
+    `cfg.codecs` at them relative to the snapshot, and return {file: sha256} of what was copied."""
+    copied: dict[str, str] = {}
+    for modality in MODALITIES:
+        source = getattr(cfg.codecs, modality)
+        if source == "identity":
+            continue
+        folder = Path("codecs") / modality
+        (out / folder).mkdir(parents=True)
+        files = [p for p in Path(source).glob("*") if p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES]
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+            raise FileNotFoundError(f"codecs.{modality}={source} has no weights to put in the snapshot")
+        for file in files:
+            shutil.copyfile(file, out / folder / file.name)
+            copied[str(folder / file.name)] = sha256_file(out / folder / file.name)
+        setattr(cfg.codecs, modality, str(folder))
+    return copied
+
+
 def check_snapshot(path: str | Path) -> tuple[Config, dict[str, Any]]:
-    """(config, snapshot.json) once the files are there and the weights match their sha256."""
+    """(config, snapshot.json) once the files are there and the weights (the model's and the codecs')
+    match their sha256; the codec folders of the config are resolved against the snapshot."""
     path = Path(path)
     info = json.loads((path / INFO).read_text())
     if info.get("format") != FORMAT:
@@ -76,7 +104,15 @@ def check_snapshot(path: str | Path) -> tuple[Config, dict[str, Any]]:
             raise FileNotFoundError(f"snapshot {path} has no {name}")
     if sha256_file(path / WEIGHTS) != info.get("sha256"):
         raise ValueError(f"{path}: {WEIGHTS} does not match the sha256 in {INFO} (damaged or replaced)")
-    return load_config(path / CONFIG), info
+    for name, digest in info.get("codecs", {}).items():
+        if not (path / name).is_file() or sha256_file(path / name) != digest:
+            raise ValueError(f"{path}: {name} is missing or does not match its sha256 in {INFO}")
+    cfg = load_config(path / CONFIG)
+    for modality in MODALITIES:
+        source = getattr(cfg.codecs, modality)
+        if source != "identity" and not Path(source).is_absolute():
+            setattr(cfg.codecs, modality, str(path / source))
+    return cfg, info
 
 
 def read_snapshot(path: str | Path) -> tuple[Config, dict[str, Tensor], dict[str, Any]]:

@@ -194,3 +194,46 @@ def test_evaluate_scores_samples_next_to_real_items(av_ckpt, fmnist_shards, tmp_
     assert report["validation"]["tasks"]["image"]["loss"] > 0
     assert evaluate.main(["--tasks", "class,nope", "--out", str(tmp_path / "bad.json")]) == 2
     assert "--tasks" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+
+
+def test_a_latent_model_snapshot_carries_its_codecs_and_samples_from_anywhere(shards, tmp_path):
+    """A run on a diffusers autoencoder: the snapshot holds the codec (config + weights, sha256-checked),
+    names it relative to itself, and samples the same image after the snapshot moved."""
+    import shutil
+
+    import diffusers
+
+    from selfflow.training.loop import train
+
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=8,
+    ).save_pretrained(tmp_path / "ae")  # fmt: skip
+    over = [f"data.shards={shards}", f"run.dir={tmp_path / 'run'}", f"codecs.image={tmp_path / 'ae'}",
+            "spec.image_latent_channels=4", "spec.space_stride=2", "spec.image_patch=2",
+            "spec.video_patch=[1,4,4]", "train.batch_size=2", "train.max_steps=1", "sample.num=1",
+            "sample.steps=1"]  # fmt: skip
+    train(load_config("tiny", over), progress=False)
+    snap = export_snapshot(tmp_path / "run", tmp_path / "snap", dtype="float32")
+    info = json.loads((snap / INFO).read_text())
+    assert set(info["codecs"]) == {
+        "codecs/image/config.json",
+        "codecs/image/diffusion_pytorch_model.safetensors",
+    }
+    assert json.loads((snap / CONFIG).read_text())["codecs"]["image"] == "codecs/image"
+    shutil.move(snap, tmp_path / "elsewhere")
+    shutil.rmtree(tmp_path / "ae")  # the original codec folder is gone: the snapshot's copy serves
+    images = []
+    for i in range(2):
+        out = tmp_path / f"img{i}.png"
+        assert sample_image.main(["--ckpt", str(tmp_path / "elsewhere"), "--prompt", "pattern", "--num", "1",
+                                  "--steps", "2", "--quiet", "--out", str(out)]) == 0  # fmt: skip
+        images.append(out.read_bytes())
+    assert images[0] == images[1]
+    weights = tmp_path / "elsewhere" / "codecs" / "image" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="codecs/image/diffusion_pytorch_model.safetensors"):
+        read_snapshot(tmp_path / "elsewhere")
