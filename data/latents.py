@@ -37,6 +37,7 @@ from selfflow.data.sources import MANIFEST, split_sources
 from selfflow.tokenizers.codecs import SUPPORTED_AUTOENCODERS, codec_stamp
 from selfflow.tokenizers.spec import ClipSpec
 
+MODALITY_NAMES = ("image", "video", "audio")
 LATENT_FIELDS = {"image": "latent.npy", "video": "video_latent.npy", "audio": "audio_latent.npy"}
 _CODECS: dict = {}  # per process: (folder, modality, spec) -> codec, loaded once
 
@@ -47,10 +48,13 @@ class LatentOptions:
     spec: ClipSpec
 
     def sources(self) -> dict[str, str]:
-        """modality -> autoencoder folder, from the class named in each folder's config.json. A class of
-        one modality (Wan: video) takes it before a class of several (KL: image and video) fills the rest."""
-        classes = {}
-        for folder in self.folders:
+        """modality -> autoencoder folder. An entry `video=DIR` names its modality; a bare `DIR` serves
+        what its class codes (config.json), a class of one modality (Wan: video) before a class of several
+        (KL: image and video), which fills the rest."""
+        classes, found = {}, {}
+        for entry in self.folders:
+            named, _, rest = entry.partition("=")
+            folder = rest if named in MODALITY_NAMES and rest else entry
             config = Path(folder) / "config.json"
             if not config.is_file():
                 raise ValueError(f"--latents {folder}: no config.json (not a diffusers autoencoder folder)")
@@ -59,8 +63,14 @@ class LatentOptions:
                 raise ValueError(
                     f"--latents {folder}: {name!r} is not one of {', '.join(SUPPORTED_AUTOENCODERS)}"
                 )
-            classes[folder] = SUPPORTED_AUTOENCODERS[name]
-        found: dict[str, str] = {}
+            if folder != entry:
+                if named not in SUPPORTED_AUTOENCODERS[name] or named in found:
+                    raise ValueError(
+                        f"--latents {entry}: {name} cannot code {named}, or {named} is named twice"
+                    )
+                found[named] = folder
+            else:
+                classes[folder] = SUPPORTED_AUTOENCODERS[name]
         for single in (True, False):
             taken = dict(found)
             for folder, modalities in classes.items():
@@ -68,7 +78,7 @@ class LatentOptions:
                     continue
                 for modality in modalities:
                     if modality in taken:
-                        continue  # a one-modality codec has it
+                        continue  # named, or a one-modality codec has it
                     if modality in found:
                         raise ValueError(
                             f"--latents: two autoencoders for {modality} ({found[modality]}, {folder})"
@@ -85,7 +95,8 @@ class LatentOptions:
 
     def stamp(self) -> list:
         """What identifies the codecs for resuming: every file's name, size and modification time."""
-        files = sorted(p for folder in self.folders for p in Path(folder).rglob("*") if p.is_file())
+        folders = set(self.sources().values())
+        files = sorted(p for folder in folders for p in Path(folder).glob("*") if p.is_file())
         return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 

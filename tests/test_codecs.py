@@ -390,3 +390,17 @@ def test_the_geometry_needs_only_the_config_and_weights_load_on_first_use(ae_dir
     full.autoencoder.save_pretrained(tmp_path / "kl")  # other weights, same config
     changed = codec_stamp(tmp_path / "kl")
     assert changed["config"] == stamp["config"] and changed["weights"] != stamp["weights"]
+
+
+def test_make_shards_latents_can_name_the_modality_of_each_folder(ae_dirs, wan_dir) -> None:
+    """Two KL folders (one for images, one for video frames) need `image=DIR` / `video=DIR`."""
+    from selfflow.data.latents import LatentOptions
+
+    kl, oobleck = str(ae_dirs["kl"]), str(ae_dirs["oobleck"])
+    named = LatentOptions((f"image={kl}", f"video={kl}", oobleck), CODEC_SPEC).sources()
+    assert named == {"image": kl, "video": kl, "audio": oobleck}
+    assert LatentOptions((kl, str(wan_dir)), WAN_SPEC).sources() == {"image": kl, "video": str(wan_dir)}
+    with pytest.raises(ValueError, match="two autoencoders for image"):
+        LatentOptions((kl, kl + "/"), CODEC_SPEC).sources()  # two folders of one class
+    with pytest.raises(ValueError, match="cannot code audio"):
+        LatentOptions((f"audio={kl}",), CODEC_SPEC).sources()

@@ -193,8 +193,9 @@ def _parser() -> _Parser:
     p.add_argument(
         "--latents",
         action="append",
-        metavar="DIR",
-        help="also store latents from this diffusers autoencoder folder (needs --spec; repeat for audio)",
+        metavar="[MODALITY=]DIR",
+        help="also store latents from this diffusers autoencoder folder (needs --spec; repeatable; "
+        "video=DIR names the modality of a folder whose class codes several)",
     )
     p.add_argument("--workers", type=_positive(int), default=1, help="processes decoding / encoding inputs")
     p.add_argument(
