@@ -54,7 +54,7 @@ def export_snapshot(ckpt: str | Path, out: str | Path, dtype: str = "float16", w
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
     try:
         save_file(state, str(tmp / WEIGHTS))
-        codecs = _copy_codecs(cfg, tmp)
+        codecs = _copy_codecs(cfg, tmp, DTYPES[dtype])
         (tmp / CONFIG).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
         info = {"format": FORMAT, "sha256": sha256_file(tmp / WEIGHTS), "dtype": dtype, "step": step}
         info |= {"codecs": codecs} if codecs else {}
@@ -72,9 +72,10 @@ def export_snapshot(ckpt: str | Path, out: str | Path, dtype: str = "float16", w
     return out
 
 
-def _copy_codecs(cfg: Config, out: Path) -> dict[str, str]:
-    """Copy the run's autoencoder folders (top-level config and weight files) into `out/codecs/`, point
-    `cfg.codecs` at them relative to the snapshot, and return {file: sha256} of what was copied."""
+def _copy_codecs(cfg: Config, out: Path, dtype: torch.dtype) -> dict[str, str]:
+    """Copy the run's autoencoder folders (top-level config and weight files; safetensors weights in
+    `dtype`, which the codec loads back as float32) into `out/codecs/`, point `cfg.codecs` at them
+    relative to the snapshot, and return {file: sha256} of what was copied."""
     copied: dict[str, str] = {}
     for modality in MODALITIES:
         source = getattr(cfg.codecs, modality)
@@ -86,7 +87,11 @@ def _copy_codecs(cfg: Config, out: Path) -> dict[str, str]:
         if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
             raise FileNotFoundError(f"codecs.{modality}={source} has no weights to put in the snapshot")
         for file in files:
-            shutil.copyfile(file, out / folder / file.name)
+            if file.suffix == ".safetensors":
+                tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(file).items()}
+                save_file(tensors, str(out / folder / file.name), metadata={"format": "pt"})
+            else:
+                shutil.copyfile(file, out / folder / file.name)
             copied[str(folder / file.name)] = sha256_file(out / folder / file.name)
         setattr(cfg.codecs, modality, str(folder))
     return copied

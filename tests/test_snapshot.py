@@ -215,8 +215,12 @@ def test_a_latent_model_snapshot_carries_its_codecs_and_samples_from_anywhere(sh
             "spec.video_patch=[1,4,4]", "train.batch_size=2", "train.max_steps=1", "sample.num=1",
             "sample.steps=1"]  # fmt: skip
     train(load_config("tiny", over), progress=False)
-    snap = export_snapshot(tmp_path / "run", tmp_path / "snap", dtype="float32")
+    snap = export_snapshot(tmp_path / "run", tmp_path / "snap")  # float16, the codec's weights too
     info = json.loads((snap / INFO).read_text())
+    from safetensors.torch import load_file
+
+    stored = load_file(snap / "codecs" / "image" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.float16}
     assert set(info["codecs"]) == {
         "codecs/image/config.json",
         "codecs/image/diffusion_pytorch_model.safetensors",

@@ -165,7 +165,8 @@ class DiffusersAutoencoder(nn.Module):
             with warnings.catch_warnings():  # Oobleck / LongCat still build on the deprecated weight_norm
                 warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
                 ae = getattr(diffusers, self.name).from_pretrained(str(self.path))
-            self.add_module("ae", ae.eval().requires_grad_(False).to(self.anchor.device))
+            ae = ae.eval().requires_grad_(False).float()  # weights stored in half precision load as fp32
+            self.add_module("ae", ae.to(self.anchor.device))
             if self.name == "AutoencoderKLFlux2":  # FLUX.2 normalises by its batch norm's running stats
                 bn = self.ae.bn
                 self.register_buffer(
