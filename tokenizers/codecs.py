@@ -162,9 +162,16 @@ class DiffusersAutoencoder(nn.Module):
 
             import diffusers
 
-            with warnings.catch_warnings():  # Oobleck / LongCat still build on the deprecated weight_norm
+            level = diffusers.utils.logging.get_verbosity()
+            # Oobleck / LongCat still build on the deprecated weight_norm; classes without per-channel
+            # statistics in their constructor log the latents_mean / latents_std this codec reads itself
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
-                ae = getattr(diffusers, self.name).from_pretrained(str(self.path))
+                diffusers.utils.logging.set_verbosity_error()
+                try:
+                    ae = getattr(diffusers, self.name).from_pretrained(str(self.path))
+                finally:
+                    diffusers.utils.logging.set_verbosity(level)
             ae = ae.eval().requires_grad_(False).float()  # weights stored in half precision load as fp32
             self.add_module("ae", ae.to(self.anchor.device))
             if self.name == "AutoencoderKLFlux2":  # FLUX.2 normalises by its batch norm's running stats
