@@ -73,11 +73,14 @@ demo: setup
 	@echo "demo outputs: $(DEMO)/samples.png (samples), $(DEMO)/loss.png (loss curve), $(DEMO)/run (metrics, checkpoints)"
 
 # The default model that ships in assets/default/ (MODEL_CARD.md): the offline benchmark's class images,
-# word signs, moving objects and bouncing balls with sound -> shards -> the `default` preset trained on the
-# CPU -> an exported snapshot. Rerunning resumes the training run.
+# word signs, moving objects and bouncing balls with sound -> shards -> two small codecs trained on them
+# (tools/train_codec.py: a KL picture codec for images and, frame by frame, video; an Oobleck audio codec)
+# -> shards holding their latents -> the `default` preset trained on those latents on the CPU -> a
+# snapshot that carries the codecs. Rerunning resumes every step.
 DM         ?= outputs/default-model
-DM_STEPS   ?= 2750
+DM_STEPS   ?= 2277
 DM_SOURCES := class text video av
+DM_CODECS  := codecs.image=$(DM)/codecs/image codecs.video=$(DM)/codecs/image codecs.audio=$(DM)/codecs/audio
 default-model: setup
 	@bench() { test -f $(DM)/media/$$1/.complete || { $(PY) tools/make_benchmark.py --seed 0 --overwrite \
 	  --out $(DM)/media/$$1 "$${@:2}" && touch $(DM)/media/$$1/.complete; }; }; \
@@ -87,8 +90,16 @@ default-model: setup
 	bench av --task av --scene ball --resolution 32x32 --fps 12 --duration 3 --n 4000
 	for s in $(DM_SOURCES); do $(PY) tools/make_shards.py --quiet --workers 2 --input $(DM)/media/$$s \
 	  --output $(DM)/shards/$$s --shard-samples 500 || exit 1; done
+	$(PY) tools/train_codec.py --modality image --shards $(DM)/shards/class,$(DM)/shards/text \
+	  --out $(DM)/codecs/image --width 32 --latent-channels 8 --down 2,2 --steps 1200 --batch 16 --lr 5e-4 \
+	  --kl 1e-5 --ckpt-every 300 --eval-n 32
+	$(PY) tools/train_codec.py --modality audio --shards $(DM)/shards/av --out $(DM)/codecs/audio --width 16 \
+	  --latent-channels 8 --down 4,4,8 --steps 800 --batch 8 --lr 5e-4 --kl 1e-5 --ckpt-every 200 --eval-n 32
+	for s in $(DM_SOURCES); do $(PY) tools/make_shards.py --quiet --workers 2 --input $(DM)/media/$$s \
+	  --output $(DM)/latent-shards/$$s --shard-samples 500 --spec configs/default.yaml \
+	  --latents $(DM)/codecs/image --latents $(DM)/codecs/audio || exit 1; done
 	$(PY) training/main.py --config configs/default.yaml run.dir=$(DM)/run train.max_steps=$(DM_STEPS) \
-	  data.shards=$(subst $(space),$(comma),$(addprefix $(DM)/shards/,$(DM_SOURCES)))
+	  data.shards=$(subst $(space),$(comma),$(addprefix $(DM)/latent-shards/,$(DM_SOURCES))) $(DM_CODECS)
 	$(PY) tools/export_snapshot.py $(DM)/run --out assets/default
 
 clean:
