@@ -219,3 +219,15 @@ def test_stored_latents_are_bounded_before_they_are_read() -> None:
             read_latent({"audio_latent.npy": data}, "audio", spec)
     with pytest.raises(ValueError, match="no audio_latent.npy field"):
         read_latent({}, "audio", spec)
+
+
+def test_packed_batches_read_stored_latents_too(setup) -> None:
+    """data.pack: samples of any task in one row, their media read from the stored latents."""
+    from selfflow.training.loop import build_data, build_trainer, make_batch
+
+    cfg = _cfg(setup, setup["bare"], "data.pack=true", "data.tokens_per_batch=200")
+    tr = build_trainer(cfg, torch.device("cpu"))
+    item = next(build_data(cfg))
+    assert item.task == "packed" and item.latents == {"image", "video", "audio"}
+    batch = make_batch(tr, item.media, item.captions, item.tasks, item.latents)  # no codec weights: no encode
+    assert batch.samples == len(item.tasks) and batch.tokens <= 200
