@@ -77,9 +77,13 @@ def _copy_codecs(cfg: Config, out: Path, dtype: torch.dtype) -> dict[str, str]:
     `dtype`, which the codec loads back as float32) into `out/codecs/`, point `cfg.codecs` at them
     relative to the snapshot, and return {file: sha256} of what was copied."""
     copied: dict[str, str] = {}
+    placed: dict[Path, Path] = {}  # source folder -> its copy: a codec serving two modalities is stored once
     for modality in MODALITIES:
         source = getattr(cfg.codecs, modality)
         if source == "identity":
+            continue
+        if Path(source).resolve() in placed:
+            setattr(cfg.codecs, modality, str(placed[Path(source).resolve()]))
             continue
         folder = Path("codecs") / modality
         (out / folder).mkdir(parents=True)
@@ -93,6 +97,7 @@ def _copy_codecs(cfg: Config, out: Path, dtype: torch.dtype) -> dict[str, str]:
             else:
                 shutil.copyfile(file, out / folder / file.name)
             copied[str(folder / file.name)] = sha256_file(out / folder / file.name)
+        placed[Path(source).resolve()] = folder
         setattr(cfg.codecs, modality, str(folder))
     return copied
 

@@ -101,6 +101,7 @@ def test_the_default_model_is_small_and_intact():
         # the snapshot carries its copies
         assert getattr(preset.codecs, m) != "identity"
         assert Path(getattr(cfg.codecs, m)).resolve().is_relative_to(DEFAULT_SNAPSHOT.resolve())
+    assert cfg.codecs.video == cfg.codecs.image  # one picture codec, stored once
 
 
 def test_out_of_the_box_av_clip_has_picture_and_sound(tmp_path):
