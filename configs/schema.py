@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from selfflow.data.atomic import write_atomic
 from selfflow.data.decode import DecodeLimits
-from selfflow.models.flow import TimestepDist
+from selfflow.models.timesteps import TimestepDist
 from selfflow.tokenizers.spec import ClipSpec
 
 PRESET_DIR = Path(__file__).resolve().parent
@@ -244,7 +244,15 @@ class SampleConfig:
     steps: int = 30
     sampler: str = "euler"  # euler | heun | euler_maruyama
     cfg_scale: float = 3.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # CFG only at levels t in [lo, hi] (t = 1 noise)
     shift: float = 1.0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.guidance_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(
+                f"sample.guidance_interval {list(self.guidance_interval)}: need 0 <= lo <= hi <= 1"
+            )
 
 
 @dataclass

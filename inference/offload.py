@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
 
+from selfflow.configs.factory import model_params
 from selfflow.configs.schema import Config
-from selfflow.models.factory import model_params
 from selfflow.models.mmdit import MMDiT
 
 NO_SPLIT = ["DoubleStreamBlock", "SingleStreamBlock"]

@@ -23,20 +23,19 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
-from selfflow.configs.schema import Config, load_config
-from selfflow.data.atomic import atomic_path
-from selfflow.inference import samplers
-from selfflow.inference.offload import load_dispatched
-from selfflow.inference.snapshot import DEFAULT_SNAPSHOT, WEIGHTS, check_snapshot, is_snapshot
-from selfflow.models.factory import (
+from selfflow.configs.factory import (
     TextConditioner,
     build_media_tokenizer,
     build_model,
     build_text_conditioner,
 )
+from selfflow.configs.schema import Config, load_config
+from selfflow.data.atomic import atomic_path
+from selfflow.inference import samplers
+from selfflow.inference.snapshot import DEFAULT_SNAPSHOT, WEIGHTS, check_snapshot, is_snapshot
+from selfflow.inference.weights import resolve_checkpoint
 from selfflow.models.mmdit import MMDiT
 from selfflow.tokenizers.media import MediaTokenizer
-from selfflow.training.checkpoint import resolve_checkpoint
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -85,6 +84,8 @@ def load_snapshot(
         raise FileNotFoundError(f"checkpoint {ckpt} has no {file.name}")
     try:
         if max_memory is not None:
+            from selfflow.inference.offload import load_dispatched  # accelerate: only when asked for
+
             return cfg, load_dispatched(cfg, file, max_memory, offload_dir)
         state = {k: v.float() for k, v in load_file(str(file), device="cpu").items()}
         model = build_model(cfg, "meta")

@@ -18,24 +18,11 @@ so a failure leaves nothing half-written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import io
-import json
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import soundfile
-import torch
-
-from selfflow.configs.schema import Config, ConfigError
-from selfflow.data.atomic import write_atomic
-from selfflow.data.avio import encode_mp4
-from selfflow.data.decode import parse_size
-from selfflow.data.shards import sha256_file
-from selfflow.inference.cli import add_sampling_args, check_sampling, load_model, read_prompts
-from selfflow.inference.pipeline import Generator, image_grid, to_uint8, weights_file
+from selfflow.inference.cli import add_sampling_args, read_prompts, sampling_settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,40 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def clip_spec(cfg: Config, args: argparse.Namespace) -> Config:
-    """The model's config with the requested duration / fps / size (checked by ClipSpec)."""
-    change = {}
-    if args.duration is not None:
-        change["duration"] = args.duration
-    if args.fps is not None:
-        change["fps"] = args.fps
-    if args.size is not None:
-        change["height"], change["width"] = parse_size(args.size)
-    try:
-        return dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, **change))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"clip spec: {e}") from None
-
-
-def write_clip(out: Path, video: torch.Tensor, audio: torch.Tensor | None, cfg: Config, meta: dict) -> None:
-    """video [C, T, H, W] (and audio [C, N]) in [-1, 1] -> out.mp4 (+ out.wav), out.png, out.json."""
-    spec = cfg.spec
-    frames = to_uint8(video.permute(1, 0, 2, 3))  # [T, H, W, C]
-    wave = None if audio is None else audio.clamp(-1, 1).numpy().astype(np.float32)  # [C, N]
-    mp4 = encode_mp4(frames, spec.fps, wave, spec.sample_rate, metadata={"comment": json.dumps(meta)})
-    sheet = io.BytesIO()
-    image_grid(video.permute(1, 0, 2, 3), nrow=min(8, spec.num_frames)).save(sheet, format="PNG")
-    files = {".png": sheet.getvalue(), ".json": json.dumps(meta, indent=2).encode()}
-    if wave is not None:
-        buf = io.BytesIO()
-        soundfile.write(buf, wave.T, spec.sample_rate, format="WAV")
-        files[".wav"] = buf.getvalue()
-    for suffix, data in files.items():
-        write_atomic(out.with_suffix(suffix), data)
-    write_atomic(out, mp4)  # last: its presence means the set is complete
-
-
 def run(args: argparse.Namespace, modalities: tuple[str, ...] = ("video", "audio")) -> list[Path]:
+    # imported here, not above: --help starts without torch
+    from selfflow.data.shards import sha256_file
+    from selfflow.inference.cli import check_sampling, load_model
+    from selfflow.inference.clips import clip_spec, write_clip
+    from selfflow.inference.pipeline import Generator, weights_file
+
     prompts = read_prompts(args.prompt, args.prompts)
     check_sampling(args)
     if args.out.suffix != ".mp4":
@@ -97,16 +57,23 @@ def run(args: argparse.Namespace, modalities: tuple[str, ...] = ("video", "audio
     cfg = clip_spec(cfg, args)
     digest = sha256_file(weights_file(ckpt))
     gen = Generator(cfg, model, device)
-    common = {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "shift": args.shift,
-              "model_sha256": digest, "checkpoint": str(ckpt), "duration": cfg.spec.duration,
-              "fps": cfg.spec.fps, "size": [cfg.spec.height, cfg.spec.width],
+    common = {**sampling_settings(args), "model_sha256": digest, "checkpoint": str(ckpt),
+              "duration": cfg.spec.duration, "fps": cfg.spec.fps, "size": [cfg.spec.height, cfg.spec.width],
               "sample_rate": cfg.spec.sample_rate}  # fmt: skip
     outs = []
     for first in range(0, len(prompts), args.batch):  # clip i uses seed + i, whatever the batch
         chunk = prompts[first : first + args.batch]
         seeds = [args.seed + first + j for j in range(len(chunk))]
         media = gen.generate(
-            chunk, seeds, modalities, args.steps, args.sampler, args.cfg, args.shift, progress=not args.quiet
+            chunk,
+            seeds,
+            modalities,
+            args.steps,
+            args.sampler,
+            args.cfg,
+            args.shift,
+            args.guidance_interval,
+            progress=not args.quiet,
         )
         for j, (prompt, seed) in enumerate(zip(chunk, seeds, strict=True)):
             i = first + j
@@ -121,7 +88,7 @@ def main(argv: list[str] | None = None, modalities: tuple[str, ...] = ("video", 
     args = parse_args(argv)
     try:
         outs = run(args, modalities)
-    except (ConfigError, FileNotFoundError, ValueError, OSError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:  # ConfigError is a ValueError
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print("\n".join(str(o) for o in outs))

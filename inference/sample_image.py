@@ -16,11 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from selfflow.configs.schema import ConfigError
 from selfflow.inference.cli import add_sampling_args, check_sampling, load_model, read_prompts
-from selfflow.inference.pipeline import Generator, image_grid, save_image
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Path:
+    import torch  # imported here, not above: --help starts without torch
+
+    from selfflow.inference.pipeline import Generator, image_grid, save_image
+
     prompts = read_prompts(args.prompt, args.prompts)
     check_sampling(args)
     if args.num < 1:
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> Path:
             args.sampler,
             args.cfg,
             args.shift,
+            args.guidance_interval,
             progress=not args.quiet,
         )
         images.append(out["image"])
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         path = run(args)
-    except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(path)

@@ -28,9 +28,9 @@ from torch import Tensor
 from selfflow.configs.schema import Config, config_to_dict, load_config
 from selfflow.data.atomic import usual_permissions
 from selfflow.data.shards import sha256_file
+from selfflow.inference.weights import load_weights, resolve_checkpoint
 from selfflow.tokenizers.codecs import WEIGHT_SUFFIXES
 from selfflow.tokenizers.spec import MODALITIES
-from selfflow.training.checkpoint import load_weights, resolve_checkpoint
 
 WEIGHTS, CONFIG, INFO = "model.safetensors", "config.json", "snapshot.json"
 FORMAT = 1

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from selfflow.configs.factory import TextConditioner, build_media_tokenizer, build_text_conditioner
 from selfflow.configs.schema import Config
 from selfflow.data.benchmark.classes import balanced_indices
 from selfflow.data.decode import png_bytes
 from selfflow.data.packaged import FASHION_MNIST_CLASSES, fashion_mnist_caption, load_fashion_mnist
 from selfflow.data.streams import decode_sample
 from selfflow.models import flow
-from selfflow.models.factory import TextConditioner, build_media_tokenizer, build_text_conditioner
 from selfflow.models.mmdit import MMDiT
 from selfflow.tokenizers.media import MediaTokenizer
 from selfflow.tokenizers.spec import ClipSpec

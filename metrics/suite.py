@@ -2,7 +2,8 @@
 sample from their captions, and score both sides with the same metric, so each number has its real
 reference beside it.
 
-    report = evaluate_task(gen, "av", n=32, steps=30, cfg_scale=3.0)
+    report = evaluate_task(gen, "av", n=32)               # the paper's protocol (metrics/protocol.py)
+    report = evaluate_task(gen, "av", n=32, protocol=Protocol(steps=30, cfg_scale=3.0))
 
 Tasks and metrics:
   class  Fashion-MNIST test items: KID and FID (Inception) of samples vs real, next to a second real
@@ -26,12 +27,14 @@ import torch
 
 from selfflow.configs.schema import Config
 from selfflow.data.benchmark.common import Item
+from selfflow.data.benchmark.registry import TASKS as BENCHMARK_TASKS
+from selfflow.data.benchmark.registry import parse_args as benchmark_args
 from selfflow.data.streams import decode_sample
 from selfflow.inference.pipeline import Generator, to_uint8
 from selfflow.metrics import avsync, fid, ocr, temporal
-from selfflow.tools import make_benchmark
+from selfflow.metrics.protocol import EVAL_TASKS, PAPER, Protocol
 
-TASKS = ("class", "text", "video", "av")
+TASKS = EVAL_TASKS
 PIPELINE_TASK = {"class": "image", "text": "image", "video": "video", "av": "av"}
 MODALITIES = {"class": ("image",), "text": ("image",), "video": ("video",), "av": ("video", "audio")}
 
@@ -47,10 +50,8 @@ def reference_items(task: str, n: int, seed: int, cfg: Config, split: str = "tes
         "av": ["--scene", "ball", "--resolution", f"{spec.height}x{spec.width}", *clip,
                "--sample-rate", str(spec.sample_rate)],
     }[task]  # fmt: skip
-    args = make_benchmark.parse_args(
-        ["--task", task, "--n", str(n), "--seed", str(seed), "--out", "-", *extra]
-    )
-    return list(make_benchmark.TASKS[task].build(args))
+    args = benchmark_args(["--task", task, "--n", str(n), "--seed", str(seed), "--out", "-", *extra])
+    return list(BENCHMARK_TASKS[task].build(args))
 
 
 def decode_items(items: list[Item], task: str, cfg: Config) -> dict[str, torch.Tensor]:
@@ -68,15 +69,18 @@ def decode_items(items: list[Item], task: str, cfg: Config) -> dict[str, torch.T
     return {m: torch.from_numpy(np.stack([s.media[m] for s in samples])) for m in samples[0].media}
 
 
-def generate(
-    gen: Generator, captions: list[str], task: str, steps: int, cfg_scale: float, batch: int
-) -> dict:
-    """Samples for `captions`, seed i for caption i, in batches."""
+def generate(gen: Generator, captions: list[str], task: str, protocol: Protocol, batch: int) -> dict:
+    """Samples for `captions`, seed i for caption i, in batches, with the `protocol`'s sampler settings
+    (its shift resolved against the model's)."""
+    pr = protocol.resolve(gen.cfg.sample.shift)
     parts: list[dict[str, torch.Tensor]] = []
     for first in range(0, len(captions), batch):
         chunk = captions[first : first + batch]
         seeds = list(range(first, first + len(chunk)))
-        parts.append(gen.generate(chunk, seeds, MODALITIES[task], steps, "euler", cfg_scale))
+        media = gen.generate(
+            chunk, seeds, MODALITIES[task], pr.steps, pr.sampler, pr.cfg_scale, pr.shift, pr.guidance_interval
+        )
+        parts.append(media)
     return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
 
 
@@ -105,14 +109,14 @@ def _score(task: str, media: dict[str, torch.Tensor], items: list[Item], fps: fl
 
 
 def evaluate_task(
-    gen: Generator, task: str, n: int, steps: int = 30, cfg_scale: float = 3.0, seed: int = 1, batch: int = 8
+    gen: Generator, task: str, n: int, protocol: Protocol = PAPER, seed: int = 1, batch: int = 8
 ) -> dict[str, Any]:
     """{"samples": metrics, "real": metrics} (class: KID / FID of both against one real set)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     items = reference_items(task, n, seed, gen.cfg)
     real = decode_items(items, task, gen.cfg)
-    samples = generate(gen, [it.caption for it in items], task, steps, cfg_scale, batch)
+    samples = generate(gen, [it.caption for it in items], task, protocol, batch)
     if task != "class":
         spec = gen.cfg.spec
         return {"samples": _score(task, samples, items, spec.fps, spec.sample_rate),

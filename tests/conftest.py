@@ -20,9 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from selfflow.configs import load_config  # noqa: E402
+from selfflow.configs.factory import build_model  # noqa: E402
 from selfflow.data.avio import encode_mp4  # noqa: E402
 from selfflow.data.shards import ShardWriter  # noqa: E402
-from selfflow.models.factory import build_model  # noqa: E402
 from selfflow.models.mmdit import MMDiT  # noqa: E402
 
 

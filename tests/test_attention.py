@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from conftest import randomize
 from test_model import joint_batch
 
+from selfflow.configs.factory import model_params
 from selfflow.models.attention import Ragged, attention, check_backend, ragged_rows
-from selfflow.models.factory import model_params
 from selfflow.models.mmdit import MMDiT
 
 

@@ -20,7 +20,7 @@ from selfflow.metrics.fid import kid
 from selfflow.metrics.probe import decode_images, fashion_mnist_split
 from selfflow.metrics.random_cnn import FEATURE_DIM, random_cnn_features
 from selfflow.tokenizers.media import MediaTokenizer
-from selfflow.tools import benchmark
+from selfflow.tools import benchmark, benchmark_run
 from selfflow.tools.benchmark_report import aggregate, final_values, markdown, steps_to_reach
 from selfflow.training.encoders import InceptionEncoder, build_encoder, inception_grid
 from selfflow.training.loop import build_trainer, make_batch, train_step
@@ -155,8 +155,8 @@ def test_markdown_shows_mean_and_std_over_seeds_and_never():
 
 
 def test_eval_steps_end_at_the_budget():
-    assert benchmark.eval_steps(90, 25) == [25, 50, 75, 90]
-    assert benchmark.eval_steps(4, 1) == [1, 2, 3, 4] and benchmark.eval_steps(3, 5) == [3]
+    assert benchmark_run.eval_steps(90, 25) == [25, 50, 75, 90]
+    assert benchmark_run.eval_steps(4, 1) == [1, 2, 3, 4] and benchmark_run.eval_steps(3, 5) == [3]
 
 
 # ---------------------------------------- bad input

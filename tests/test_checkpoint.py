@@ -251,7 +251,7 @@ def test_a_damaged_metrics_line_in_the_middle_is_an_error_naming_it(tmp_path):
 
 
 def test_the_benchmark_reads_a_log_with_a_torn_last_line(tmp_path):
-    from selfflow.tools.benchmark import rep_cos_curve
+    from selfflow.tools.benchmark_run import rep_cos_curve
 
     rows = "".join(json.dumps({"step": s, "rep_cos": s / 100}) + "\n" for s in (5, 10))
     (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 15, "rep_c')

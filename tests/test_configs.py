@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from selfflow.configs import ConfigError, load_config, save_config
+from selfflow.configs.factory import build_model
 from selfflow.configs.schema import PRESET_DIR
-from selfflow.models.factory import build_model
-from selfflow.tools.model_info import report, training_flops
+from selfflow.training.flops import report, training_flops
 from selfflow.training.objectives import alignment_layers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -158,7 +158,7 @@ def test_two_ranks_train_and_resume_exactly(shards, tmp_path, engine):
         wa, wb = (ckpt_io.load_weights(c, name) for c in end)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
     full = small_cfg(shards, a)  # the saved weights are whole (gathered under ZeRO-3), not shards
-    from selfflow.models.factory import build_model
+    from selfflow.configs.factory import build_model
 
     shapes = {k: v.shape for k, v in build_model(full, "cpu").state_dict().items()}
     assert {k: v.shape for k, v in ckpt_io.load_weights(end[0], "model").items()} == shapes

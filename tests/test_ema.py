@@ -8,7 +8,7 @@ from conftest import randomize
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from selfflow.models.factory import build_model
+from selfflow.configs.factory import build_model
 from selfflow.training.ema import EMA, make_emas, update_all
 
 

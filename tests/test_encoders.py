@@ -11,7 +11,7 @@ import torch
 import transformers
 from conftest import randomize
 
-from selfflow.models.factory import build_model
+from selfflow.configs.factory import build_model
 from selfflow.tokenizers.image import ImagePatchifier
 from selfflow.tokenizers.media import MediaTokenizer
 from selfflow.tokenizers.spec import ClipSpec

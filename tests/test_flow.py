@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from selfflow.models import flow
+from selfflow.models.timesteps import TimestepDist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,13 +74,13 @@ def test_shift():
 
 def test_shifted_logit_normal_is_logit_normal_with_moved_mean():
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    d = flow.TimestepDist("logit_normal", mu=0.2, sigma=0.7, shift=2.95)
+    d = TimestepDist("logit_normal", mu=0.2, sigma=0.7, shift=2.95)
     z = torch.randn(1000, generator=gen())
     expected = torch.sigmoid(0.2 + math.log(2.95) + 0.7 * z)
     torch.testing.assert_close(d.sample((1000,), generator=gen()), expected, atol=1e-6, rtol=1e-5)
 
 
-def _ks(samples: torch.Tensor, dist: flow.TimestepDist) -> float:
+def _ks(samples: torch.Tensor, dist: TimestepDist) -> float:
     x, _ = samples.double().sort()
     cdf = dist.cdf(x)
     n = x.numel()
@@ -90,10 +91,10 @@ def _ks(samples: torch.Tensor, dist: flow.TimestepDist) -> float:
 @pytest.mark.parametrize(
     "dist",
     [
-        flow.TimestepDist("uniform"),
-        flow.TimestepDist("uniform", shift=3.0),
-        flow.TimestepDist("logit_normal"),
-        flow.TimestepDist("logit_normal", mu=-0.5, sigma=1.5, shift=1.78),
+        TimestepDist("uniform"),
+        TimestepDist("uniform", shift=3.0),
+        TimestepDist("logit_normal"),
+        TimestepDist("logit_normal", mu=-0.5, sigma=1.5, shift=1.78),
     ],
 )
 def test_timestep_distributions_match_their_cdf(dist):
@@ -103,15 +104,15 @@ def test_timestep_distributions_match_their_cdf(dist):
 
 
 def test_ks_check_can_fail():
-    uniform = flow.TimestepDist("uniform").sample((20_000,), generator=torch.Generator().manual_seed(0))
-    assert _ks(uniform, flow.TimestepDist("logit_normal")) > 0.05
+    uniform = TimestepDist("uniform").sample((20_000,), generator=torch.Generator().manual_seed(0))
+    assert _ks(uniform, TimestepDist("logit_normal")) > 0.05
 
 
 def test_bad_distribution_rejected():
     with pytest.raises(ValueError, match="unknown timestep distribution"):
-        flow.TimestepDist("cosine")
+        TimestepDist("cosine")
     with pytest.raises(ValueError):
-        flow.TimestepDist("logit_normal", sigma=0.0)
+        TimestepDist("logit_normal", sigma=0.0)
 
 
 def test_no_other_module_reimplements_the_interpolant():

@@ -32,7 +32,7 @@ def test_latent_presets_get_config_only_stand_ins_for_folders_this_machine_lacks
     """base / 4b name codec and text encoder folders users have; without them the check still builds
     the transformer's inputs: config.json-only autoencoders of the named classes, byte captions."""
     from selfflow.configs import load_config
-    from selfflow.models.factory import build_media_tokenizer
+    from selfflow.configs.factory import build_media_tokenizer
     from selfflow.tools.gpu_check import stand_ins
 
     over = stand_ins("base", tmp_path)

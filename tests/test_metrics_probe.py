@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from selfflow.configs import load_config
+from selfflow.configs.factory import build_media_tokenizer, build_model, build_text_conditioner
 from selfflow.data.pipeline import DataPipeline
 from selfflow.metrics import probe as P
-from selfflow.metrics.validation import bin_centres, validation_loss
-from selfflow.models.factory import build_media_tokenizer, build_model, build_text_conditioner
 from selfflow.training.loop import build_trainer, make_batch, train_step
+from selfflow.training.validation import bin_centres, validation_loss
 
 CHANCE = 0.1  # ten Fashion-MNIST classes
 

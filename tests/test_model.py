@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import randomize
 
-from selfflow.models.factory import model_params
+from selfflow.configs.factory import model_params
 from selfflow.models.layers import apply_rope, distinct_levels, rope_angles
 from selfflow.models.mmdit import MMDiT
 from selfflow.tokenizers.media import MediaTokenizer

@@ -11,8 +11,9 @@ from conftest import randomize
 from test_flow import _ks
 from test_model import joint_batch
 
+from selfflow.configs.factory import build_model
 from selfflow.models import flow
-from selfflow.models.factory import build_model
+from selfflow.models.timesteps import TimestepDist
 from selfflow.training.objectives import (
     OBJECTIVES,
     Batch,
@@ -114,7 +115,7 @@ def test_teacher_sees_the_cleaner_level_and_stops_at_block_k(tiny_cfg):
 
 
 def test_token_levels_follow_p_t_and_the_mask_ratios(tiny_cfg):
-    dist = flow.TimestepDist("logit_normal", mu=0.3, sigma=1.2, shift=2.0)
+    dist = TimestepDist("logit_normal", mu=0.3, sigma=1.2, shift=2.0)
     cfg = replace(tiny_cfg.objective, timesteps={k: dist for k in ("image", "video", "audio", "av")})
     n = 6000  # samples; a cheap batch of 1-channel tokens: 20 video + 10 audio per sample
     batch = Batch(

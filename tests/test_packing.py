@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import randomize
 
-from selfflow.models.factory import model_params
+from selfflow.configs.factory import model_params
 from selfflow.models.mmdit import MMDiT
 from selfflow.models.packing import Sample, pack_samples, unpack_media
 from selfflow.tokenizers.media import MediaTokenizer

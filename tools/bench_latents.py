@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 
 from selfflow.configs import load_config
+from selfflow.configs.factory import build_media_tokenizer
 from selfflow.data.avio import encode_mp4
-from selfflow.models.factory import build_media_tokenizer
 from selfflow.tools import make_shards
 from selfflow.training.loop import build_data
 

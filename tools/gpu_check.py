@@ -33,10 +33,10 @@ from typing import Any
 import torch
 
 from selfflow.configs import load_config
-from selfflow.models.factory import build_model
+from selfflow.configs.factory import build_model
 from selfflow.tokenizers.spec import MODALITIES
 from selfflow.tools.bench_step import sync
-from selfflow.tools.model_info import training_flops
+from selfflow.training.flops import training_flops
 from selfflow.training.loop import build_trainer, make_batch
 from selfflow.training.step import train_step
 

@@ -30,114 +30,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import shutil
 import sys
-import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from selfflow.data.atomic import write_atomic
+# light: --help starts without torch (the building modules import it; see main)
 from selfflow.data.decode import LIMITS, DecodeLimits, parse_size
-from selfflow.data.inputs import fingerprint, scan_inputs
-from selfflow.data.latents import LatentOptions, check_latents
-from selfflow.data.prepare import TASKS, Outcome, Target, prepare
-from selfflow.data.shardrun import ShardRun
-from selfflow.data.shards import ShardLimits
-from selfflow.data.shardsets import MANIFEST, Progress, TaskShards, remove_stale, sample_stats, verify
-from selfflow.data.tarinputs import Staged, check_sources, stage_tars, tar_sources
 from selfflow.tokenizers.spec import ClipSpec
 
-SKIPPED = "skipped.jsonl"
-STAGING = ".staging"  # input shards, unpacked (removed at the end)
-FORMAT = "selfflow-shards/2"
-
-
-# ---------------------------------------------------------------------- building
-
-
-def check_output(output: Path, source: str, shards: list[str]) -> None:
-    if output.resolve() == Path(source).resolve():
-        raise ValueError(f"--output {output} must differ from --input")
-    check_sources(shards, output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output):
-            pass
-    except OSError as err:
-        raise ValueError(f"cannot write to output folder {output}: {err.strerror or err}") from err
-
-
-def build(args: argparse.Namespace, work: Callable[..., Outcome] = prepare) -> str:
-    """Scan, validate, write shards, skipped.jsonl and manifest.json; returns a summary line. Input
-    shards are staged in OUT/.staging (data/tarinputs.py), removed at the end: it is a copy of the media."""
-    began = time.perf_counter()
-    shards = tar_sources(args.input)  # None: a media folder or a manifest
-    if shards is None:
-        entries, skips = scan_inputs(Path(args.input))
-        staged = Staged(entries, skips, fingerprint(Path(args.input), entries))
-    check_output(args.output, args.input, shards or [])
-    try:
-        if shards is not None:
-            staged = stage_tars(shards, args.output / STAGING, args.limits, args.caption_key, args.quiet)
-        return _write(args, work, staged, began)
-    finally:
-        shutil.rmtree(args.output / STAGING, ignore_errors=True)
-
-
-def _write(args: argparse.Namespace, work: Callable[..., Outcome], staged: Staged, began: float) -> str:
-    """The part of `build` after scanning: the same for every kind of input."""
-    entries, skips = staged.entries, staged.skips
-    (args.output / MANIFEST).unlink(missing_ok=True)  # written again at the end; until then, none is true
-    limits = ShardLimits(args.shard_samples, args.shard_mb)
-    options = {"format": FORMAT, "target": asdict(args.target), "limits": asdict(limits)}
-    options["decode_limits"] = asdict(args.limits)  # other limits may accept other inputs
-    if args.latent_options is not None:
-        check_latents(args.latent_options)
-        options["latents"] = args.latent_options.stamp()
-    progress = Progress(args.output, staged.fingerprint + json.dumps(options, sort_keys=True))
-    sets = {
-        t: TaskShards(args.output, t, limits, progress.shards.get(t, {}), progress.record_shard)
-        for t in TASKS
-    }
-    try:
-        run = ShardRun(entries, args.target, progress, sets, args.latent_options, args.workers, args.quiet)
-        run = replace(run, limits=args.limits, timeout=args.timeout, work=work)
-        failed, accepted = run.write()
-        shards = {task: infos for task, s in sets.items() if (infos := s.close())}
-    finally:
-        for s in sets.values():
-            s.abort()  # an unfinished shard's temporary file (nothing after close())
-        progress.close()
-    remove_stale(args.output, shards)
-    skips = sorted(staged.locate(skips + failed), key=lambda s: (s.path, s.reason))
-    write_atomic(args.output / SKIPPED, "".join(json.dumps(asdict(s)) + "\n" for s in skips))
-    counts = {task: sum(info.samples for info in infos) for task, infos in shards.items()}
-    if not counts:
-        raise ValueError(
-            f"no valid samples in {args.input} ({len(skips)} skipped, see {args.output / SKIPPED})"
-        )
-    manifest = {
-        "format": FORMAT,
-        "counts": counts,
-        "skipped": len(skips),
-        **sample_stats(accepted),
-        "spec": {**asdict(args.target), "preset": args.spec},
-        "latents": args.latent_options.record() if args.latent_options else {},
-        "shards": {task: [info.to_json() for info in infos] for task, infos in shards.items()},
-        "args": _args_record(args),
-    }
-    write_atomic(args.output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    written = ", ".join(f"{n} {task} samples in {len(shards[task])} shard(s)" for task, n in counts.items())
-    kept = sum(s.kept for s in sets.values())
-    seconds = time.perf_counter() - began
-    return (
-        f"wrote {written} to {args.output}; skipped {len(skips)} (see {args.output / SKIPPED}); "
-        f"{kept} shard(s) kept from an earlier run; {len(entries)} inputs in {seconds:.1f}s"
-    )
+if TYPE_CHECKING:
+    from selfflow.data.latents import LatentOptions
+    from selfflow.data.prepare import Outcome, Target
 
 
 # ---------------------------------------------------------------------- command line
@@ -235,11 +141,15 @@ def _target(args: argparse.Namespace, spec: ClipSpec | None) -> Target:
         "duration": args.duration,
         "sample_rate": args.sample_rate,
     }
+    from selfflow.data.prepare import Target
+
     return Target(**(base | {k: v for k, v in given.items() if v is not None}), no_audio=args.no_audio)
 
 
 def _latent_options(args: argparse.Namespace, spec: ClipSpec) -> LatentOptions:
     """The preset's spec with the explicit options applied: the geometry the codecs must fit."""
+    from selfflow.data.latents import LatentOptions
+
     t = args.target
     spec = replace(
         spec,
@@ -280,14 +190,6 @@ def _limits(items: list[str], base: DecodeLimits) -> DecodeLimits:
     return dataclasses.replace(base, **changes)
 
 
-def _args_record(args: argparse.Namespace) -> dict:
-    skip = ("target", "latent_options", "limits", "quiet", "verify", "workers", "timeout")
-    record = {k: v for k, v in vars(args).items() if k not in skip}
-    for key in ("size", "video_size"):
-        record[key] = None if record[key] is None else "{}x{}".format(*record[key])
-    return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -296,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         spec = None
         if args.spec is not None:
-            from selfflow.configs import load_config  # local import: configs pull in torch (seconds)
+            from selfflow.configs import load_config
 
             cfg = load_config(args.spec)
             spec = cfg.spec
@@ -313,8 +215,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def build(args: argparse.Namespace, work: Callable[..., Outcome] | None = None) -> str:
+    """Write the shard set the arguments describe (tools/make_shards_build.py); returns a summary line.
+    `work` replaces the per-input preparation (data/prepare.py `prepare`), e.g. in tests."""
+    from selfflow.tools import make_shards_build
+
+    return make_shards_build.build(args, work or make_shards_build.prepare)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from selfflow.data.shardsets import verify
+
     try:
         if args.input is not None:
             print(build(args))

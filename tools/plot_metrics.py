@@ -11,14 +11,24 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import matplotlib
+from selfflow.data.atomic import atomic_path
+from selfflow.training.metrics_file import read_metrics  # JSON only: no torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-from selfflow.data.atomic import atomic_path  # noqa: E402
-from selfflow.training.tracking import read_metrics  # noqa: E402
+
+def _pyplot() -> ModuleType:
+    """matplotlib.pyplot with the Agg backend, imported on first use (not for --help)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def metrics_file(path: Path) -> Path:
@@ -30,7 +40,7 @@ def metrics_file(path: Path) -> Path:
 
 def plot(runs: list[Path], keys: list[str], out: Path) -> Path:
     """One panel per key (metric vs step), one line per run; written atomically to `out`."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
     for run in runs:
         rows = read_metrics(metrics_file(run))
         label = run.name if run.is_dir() else run.parent.name
@@ -48,14 +58,14 @@ def plot(runs: list[Path], keys: list[str], out: Path) -> Path:
     return save_figure(fig, out)
 
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Lay out, write `path` as PNG atomically (a rename, never a half-written file), and close `fig`."""
     try:
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
     return path
 
 

@@ -19,8 +19,8 @@ import time
 import torch
 
 from selfflow.configs import ConfigError, load_config
+from selfflow.configs.factory import build_model
 from selfflow.models import flow
-from selfflow.models.factory import build_model
 from selfflow.tokenizers.media import MediaTokenizer
 from selfflow.tokenizers.spec import ClipSpec
 from selfflow.tokenizers.text import build_text_tokenizer

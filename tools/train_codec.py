@@ -23,14 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from selfflow.configs import ConfigError, load_config
-from selfflow.training.codec_trainer import ARCHS, CodecRecipe, train_codec
+from selfflow.tokenizers.spec import MODALITIES  # light; the trainer (torch) is imported after parsing
+
+if TYPE_CHECKING:
+    from selfflow.training.codec_trainer import CodecRecipe
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, CodecRecipe]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--modality", required=True, choices=tuple(ARCHS))
+    p.add_argument("--modality", required=True, choices=MODALITIES)
     p.add_argument("--shards", required=True, help="shard sources, as data.shards takes them")
     p.add_argument("--out", required=True, help="the diffusers folder to write (and its run state)")
     p.add_argument("--preset", default="default", help="config preset whose spec gives the clip geometry")
@@ -50,6 +53,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, CodecRecipe]:
     p.add_argument("--eval-n", type=int, default=16)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    from selfflow.training.codec_trainer import ARCHS, CodecRecipe
+
     arch = args.arch or ARCHS[args.modality][0]
     down = args.down or ("4,4,8" if arch == "oobleck" else "2,2,2")
     recipe = CodecRecipe(
@@ -62,8 +67,12 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, CodecRecipe]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from selfflow.configs import ConfigError, load_config
+
     try:
         args, recipe = parse(argv)
+        from selfflow.training.codec_trainer import train_codec
+
         spec = load_config(args.preset).spec
         report = train_codec(
             recipe, args.shards, args.out, spec, args.eval_shards, args.eval_n, not args.quiet

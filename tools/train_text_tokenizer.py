@@ -16,8 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from selfflow.tokenizers.text import train_sentencepiece
-
 
 def collect_caption_files(inputs: list[Path]) -> list[Path]:
     """Expand files and folders (all ``*.txt`` below, sorted) into a list of caption files."""
@@ -47,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     args = parse_args(argv)
+    from selfflow.tokenizers.text import train_sentencepiece  # imported here: --help starts without torch
+
     try:
         files = collect_caption_files(args.captions)
         model = train_sentencepiece(files, args.out, args.vocab_size, model_type=args.model_type)

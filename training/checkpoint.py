@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -44,21 +43,45 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from selfflow.configs.schema import Config, save_config
 from selfflow.data.atomic import fsync_dir, fsync_file, usual_permissions, write_atomic
-
-PREFIX = "step_"
-LATEST = "latest"
-MANIFEST = "manifest.json"
-REQUIRED = ("model.safetensors", "state.json", "config.yaml")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that passed the size check but cannot be read (damaged contents)."""
+from selfflow.inference.weights import (
+    LATEST,
+    MANIFEST,
+    PREFIX,
+    _load_json,
+    _load_tensors,
+)
+from selfflow.inference.weights import (  # the read side, re-exported for training's callers
+    CheckpointError as CheckpointError,
+)
+from selfflow.inference.weights import (
+    check_checkpoint as check_checkpoint,
+)
+from selfflow.inference.weights import (
+    has_checkpoints as has_checkpoints,
+)
+from selfflow.inference.weights import (
+    is_complete as is_complete,
+)
+from selfflow.inference.weights import (
+    latest_checkpoint as latest_checkpoint,
+)
+from selfflow.inference.weights import (
+    list_checkpoints as list_checkpoints,
+)
+from selfflow.inference.weights import (
+    load_weights as load_weights,
+)
+from selfflow.inference.weights import (
+    resolve_checkpoint as resolve_checkpoint,
+)
+from selfflow.inference.weights import (
+    scan_checkpoints as scan_checkpoints,
+)
 
 
 def checkpoint_name(step: int) -> str:
@@ -199,70 +222,6 @@ def save_checkpoint_ranks(
     return final
 
 
-def check_checkpoint(path: str | Path) -> str | None:
-    """None when `path` is a complete checkpoint, else why not (one line, e.g. "model.safetensors is 0
-    bytes, manifest says 123456"). Checkpoints written before manifests existed are judged by the old
-    rule: the REQUIRED files are present and not empty."""
-    path = Path(path)
-    if not path.is_dir() or path.name.startswith("."):
-        return "not a checkpoint directory"
-    manifest = path / MANIFEST
-    if not manifest.is_file():  # written by an earlier version: no manifest to check sizes against
-        bad = [f for f in REQUIRED if not (path / f).is_file() or (path / f).stat().st_size == 0]
-        return f"no {MANIFEST}, and {', '.join(bad)} missing or empty" if bad else None
-    try:
-        files = json.loads(manifest.read_text())["files"]
-        sizes = {name: int(entry["size"]) for name, entry in files.items()}
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        return f"{MANIFEST} is unreadable ({type(e).__name__})"
-    for name, size in sizes.items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing, manifest says {size} bytes"
-        if file.stat().st_size != size:
-            return f"{name} is {file.stat().st_size} bytes, manifest says {size}"
-    return None
-
-
-def is_complete(path: Path) -> bool:
-    return check_checkpoint(path) is None
-
-
-def _step_dirs(root: Path) -> list[Path]:
-    """Directories named like checkpoints (complete or not), oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
-
-
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
-    return [p for p in _step_dirs(Path(root)) if is_complete(p)]
-
-
-def scan_checkpoints(root: str | Path) -> tuple[Path | None, list[str]]:
-    """(the newest complete checkpoint or None, "<name>: <reason>" for each newer one that is not)."""
-    skipped = []
-    for path in reversed(_step_dirs(Path(root))):
-        reason = check_checkpoint(path)
-        if reason is None:
-            return path, skipped
-        skipped.append(f"{path.name}: {reason}")
-    return None, skipped
-
-
-def has_checkpoints(root: str | Path) -> bool:
-    """Whether a checkpoint was ever published under `root`: a step directory or a `latest` pointer."""
-    return bool(_step_dirs(Path(root))) or (Path(root) / LATEST).is_file()
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint, else None (`latest` is not trusted over the manifests: a crash
-    between publishing a checkpoint and updating `latest` leaves the pointer one behind)."""
-    return scan_checkpoints(root)[0]
-
-
 def prune(root: Path, keep_last: int, protect: Path | None = None) -> None:
     """Delete all but the newest `keep_last` complete checkpoints (0: keep all), never `protect`; drop
     stale temporary folders."""
@@ -271,59 +230,6 @@ def prune(root: Path, keep_last: int, protect: Path | None = None) -> None:
             shutil.rmtree(old, ignore_errors=True)
     for tmp in root.glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, a `checkpoints/` directory or a run directory -> a complete checkpoint."""
-    path = Path(path)
-    reason = check_checkpoint(path)
-    if reason is None:
-        return path
-    if (path / MANIFEST).is_file() or (path / "state.json").is_file():  # a checkpoint, damaged
-        raise FileNotFoundError(f"{path} is not a complete checkpoint: {reason}")
-    skipped = []
-    for root in (path / "checkpoints", path):
-        found, why = scan_checkpoints(root)
-        if found is not None:
-            return found
-        skipped += why
-    detail = f"; skipped {'; '.join(skipped)}" if skipped else f" (expected {', '.join(REQUIRED)})"
-    raise FileNotFoundError(f"no complete checkpoint at {path}{detail}")
-
-
-# What reading a damaged file raises: safetensors' own error; torch.load's zip reader (RuntimeError),
-# its weights-only unpickler (UnpicklingError), a short file (EOFError); JSON (ValueError).
-_DAMAGED = (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, UnicodeDecodeError)
-
-
-def _damaged(path: Path, e: BaseException) -> CheckpointError:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return CheckpointError(f"checkpoint file {path} is damaged: {first}")
-
-
-def load_weights(ckpt: str | Path, name: str, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """One safetensors file of a checkpoint, e.g. name="ema"; CheckpointError when it is damaged."""
-    path = Path(ckpt) / f"{name}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} has no {path.name}")
-    try:
-        return load_file(str(path), device=str(device))
-    except _DAMAGED as e:
-        raise _damaged(path, e) from None
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except _DAMAGED as e:
-        raise _damaged(path, e) from None
-
-
-def _load_tensors(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except _DAMAGED as e:
-        raise _damaged(path, e) from None
 
 
 def load_state(ckpt: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:

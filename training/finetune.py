@@ -18,7 +18,7 @@ from selfflow.training import checkpoint as ckpt_io
 from selfflow.training.distributed import full_parameters
 
 if TYPE_CHECKING:
-    from selfflow.training.loop import Trainer
+    from selfflow.training.state import Trainer
 
 
 def _source_weights(source: str) -> tuple[dict[str, Tensor], dict[str, Tensor], str]:

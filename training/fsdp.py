@@ -51,7 +51,7 @@ from selfflow.training.distributed import ObjectiveModule
 from selfflow.training.ema import EMA
 
 if TYPE_CHECKING:
-    from selfflow.training.loop import Trainer
+    from selfflow.training.state import Trainer
 
 DCP_DIR = "dcp"  # inside a checkpoint folder
 

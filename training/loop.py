@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,59 +24,33 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from selfflow.configs.factory import (
+    build_media_tokenizer,
+    build_model,
+    build_text_conditioner,
+)
 from selfflow.configs.schema import Config, ConfigError, TrainConfig, save_config
 from selfflow.data.latents import stored_modalities
 from selfflow.data.pipeline import TASK_MODALITIES, DataPipeline, MediaBatch, WorkerPipeline, available_tasks
 from selfflow.inference.pipeline import Generator, image_grid, pick_device, save_image
 from selfflow.inference.samplers import SamplingStopped
-from selfflow.models.factory import (
-    TextConditioner,
-    build_media_tokenizer,
-    build_model,
-    build_text_conditioner,
-)
 from selfflow.models.packing import pack_tokens
 from selfflow.tokenizers.media import MediaTokenizer
 from selfflow.tokenizers.spec import MODALITIES
 from selfflow.training import distributed as dist_io
 from selfflow.training.distributed import SINGLE, Dist, any_rank
-from selfflow.training.ema import EMA, make_emas
+from selfflow.training.ema import make_emas
 from selfflow.training.finetune import init_from
 from selfflow.training.guards import NonFiniteError, Preemption
 from selfflow.training.objectives import Batch, Models, ObjectiveOutput, make_head
 from selfflow.training.runlock import hold_run_dir
 from selfflow.training.saving import ResumePlan, restore, resume_plan, save
+from selfflow.training.state import Trainer
 from selfflow.training.step import train_step
 from selfflow.training.tracking import MetricMeter, RunLogger
 
 TEACHER_OBJECTIVES = ("self_flow", "sra")
 TASK_OF = {tuple(sorted(mods)): task for task, mods in TASK_MODALITIES.items()}  # modalities -> task
-
-
-@dataclass
-class Trainer:
-    """Everything one process trains with, plus the counters a checkpoint restores."""
-
-    cfg: Config
-    device: torch.device
-    models: Models
-    ema: EMA  # the evaluation model
-    teacher_ema: EMA  # the Self-Flow / SRA teacher: `ema` itself unless train.teacher_decay >= 0
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    generator: torch.Generator  # every draw of the objective, on the training device
-    media: MediaTokenizer
-    encode_text: TextConditioner
-    step: int = 0
-    samples_seen: int = 0
-    task_samples: dict[str, int] = field(default_factory=dict)  # samples seen per task
-    skipped: int = 0  # bad samples the data pipeline has skipped so far
-    nonfinite: int = 0  # steps not applied because the loss or a gradient was NaN / Inf
-    nonfinite_streak: int = 0  # of them, consecutive up to the last step (> 0: the last was one)
-    data: DataPipeline | WorkerPipeline | None = None  # set by train(); its position is checkpointed
-    dist: Dist = SINGLE  # this process's rank among `world` (training/distributed.py)
-    engine: Any = None  # the DeepSpeed engine over student + head (dist.engine=deepspeed)
-    ddp: Any = None  # DistributedDataParallel over student + head (dist.engine=ddp, several processes)
 
 
 def _repa_encoder(cfg: Config, media: MediaTokenizer, device: torch.device) -> Any:
@@ -284,7 +257,15 @@ def write_samples(
     seeds = [s.seed + i for i in range(s.num)]
     try:
         media = gen.generate(
-            chosen, seeds, mods, s.steps, s.sampler, s.cfg_scale, s.shift, should_stop=should_stop
+            chosen,
+            seeds,
+            mods,
+            s.steps,
+            s.sampler,
+            s.cfg_scale,
+            s.shift,
+            tuple(s.guidance_interval),
+            should_stop=should_stop,
         )
     except SamplingStopped:
         return None

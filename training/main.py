@@ -36,10 +36,8 @@ import json
 import os
 import sys
 
-from selfflow.configs.schema import ConfigError, config_to_yaml, load_config
-
-# The errors that mean bad input (exit 2, one line); see the module docstring.
-BAD_INPUT: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+# Nothing heavy at import time: `--help` starts without torch; the config and training stack are
+# imported once the arguments are parsed.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,16 +53,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _bad_input() -> tuple[type[BaseException], ...]:
-    """BAD_INPUT plus the error types of the training stack (imported only when a run starts)."""
+    """The errors that mean bad input (exit 2, one line; see the module docstring)."""
     from safetensors import SafetensorError
 
+    from selfflow.configs.schema import ConfigError
     from selfflow.data.latents import LatentMismatch
     from selfflow.data.pipeline import DataError
     from selfflow.training.checkpoint import CheckpointError
     from selfflow.training.runlock import RunLocked
     from selfflow.training.tracking import MetricsError
 
-    return (*BAD_INPUT, DataError, LatentMismatch, CheckpointError, SafetensorError, MetricsError, RunLocked)
+    return (
+        ConfigError,
+        FileNotFoundError,
+        DataError,
+        LatentMismatch,
+        CheckpointError,
+        SafetensorError,
+        MetricsError,
+        RunLocked,
+    )
 
 
 def _fail(e: BaseException, code: int) -> int:
@@ -75,12 +83,14 @@ def _fail(e: BaseException, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from selfflow.configs.schema import ConfigError, config_to_yaml, load_config
+
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(config_to_yaml(cfg), end="")
             return 0
-    except BAD_INPUT as e:
+    except (ConfigError, FileNotFoundError) as e:
         return _fail(e, 2)
     from selfflow.training.guards import NonFiniteError
     from selfflow.training.loop import train

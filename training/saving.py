@@ -35,7 +35,7 @@ from selfflow.training import distributed as dist_io
 from selfflow.training.distributed import SINGLE, Dist, full_parameters
 
 if TYPE_CHECKING:
-    from selfflow.training.loop import Trainer
+    from selfflow.training.state import Trainer
 
 # Sections a checkpoint must agree on with the command that resumes it.
 FROZEN_SECTIONS = ("model", "spec", "text", "codecs")

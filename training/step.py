@@ -29,7 +29,7 @@ from selfflow.training.ema import update_all
 from selfflow.training.objectives import OBJECTIVES, Batch, ObjectiveOutput
 
 if TYPE_CHECKING:
-    from selfflow.training.loop import Trainer
+    from selfflow.training.state import Trainer
 
 
 def _forward(tr: Trainer, batch: Batch) -> ObjectiveOutput:

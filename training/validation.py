@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from selfflow.configs.factory import TextConditioner, build_media_tokenizer, build_text_conditioner
 from selfflow.configs.schema import Config
 from selfflow.data.pipeline import DataPipeline, MediaBatch, available_tasks
 from selfflow.inference.pipeline import autocast
 from selfflow.models import flow
-from selfflow.models.factory import TextConditioner, build_media_tokenizer, build_text_conditioner
 from selfflow.models.mmdit import MMDiT
 from selfflow.tokenizers.media import MediaTokenizer
 from selfflow.training.objectives import velocity_mse
