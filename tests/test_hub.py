@@ -1,16 +1,20 @@
-"""Hugging Face interop: MMDiT save_pretrained / from_pretrained. Offline: nothing here reaches the Hub."""
+"""Hugging Face interop: MMDiT save_pretrained / from_pretrained, the diffusers scheduler that
+reproduces our Euler sampler. Offline: nothing here reaches the Hub."""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, replace
 
 import pytest
 import torch
 from conftest import randomize
+from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file, save_file
 
-from selfflow.inference import samplers
+from selfflow.inference import hub, samplers
+from selfflow.models import flow
 from selfflow.models.factory import model_params
 from selfflow.models.mmdit import MMDiT, MMDiTParams
 from selfflow.tokenizers.media import MediaTokenizer
@@ -90,3 +94,99 @@ def test_a_folder_without_params_or_with_missing_weights_does_not_load(small, tm
         MMDiT.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="must be a JSON object"):
         MMDiTParams.from_json([192])
+
+
+# diffusers' FlowMatchEulerDiscreteScheduler <-> our Euler sampler
+
+
+def toy_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Exact E[eps - x0 | x_t] for 1-D data N(1.5, 0.5^2): non-linear in t, so the schedule matters."""
+    t = flow.expand_time(t, x)
+    a, mu, s2 = 1.0 - t, 1.5, 0.25
+    return -mu + (t - a * s2) / (a**2 * s2 + t**2) * (x - a * mu)
+
+
+def diffusers_euler(v_fn: samplers.Velocity, x1: torch.Tensor, folder, steps: int) -> torch.Tensor:
+    """A diffusers user's loop: the scheduler from FOLDER/scheduler, the model fed timestep / 1000."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    scheduler.set_timesteps(sigmas=hub.scheduler_sigmas(steps))
+    x = x1
+    for timestep in scheduler.timesteps:
+        t = (timestep / scheduler.config.num_train_timesteps).expand(x.shape[0])  # [B]
+        x = scheduler.step(v_fn(x, t), timestep, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [1, 4, 25])
+def test_the_written_scheduler_reproduces_our_euler_sampler(tmp_path, shift, steps):
+    path = hub.write_scheduler_config(tmp_path, shift, steps)
+    assert path == tmp_path / "scheduler" / "scheduler_config.json"
+    x1 = samplers.initial_noise((64,), [0, 1, 2])  # [3, 64]
+    ours = samplers.sample("euler", toy_velocity, x1, steps, shift)
+    theirs = diffusers_euler(toy_velocity, x1, tmp_path, steps)
+    assert (theirs - ours).abs().max() <= 1e-5
+    other = samplers.sample("euler", toy_velocity, x1, steps, 4.0 - shift)  # the other shift
+    if steps > 1:  # a single step [1, 0] is the same for every shift
+        assert (theirs - other).abs().max() > 1e-2
+
+
+def test_the_scheduler_takes_our_shift_from_its_config(tmp_path):
+    """Without the config's shift the loop is the unshifted sampler, far from ours."""
+    x1 = samplers.initial_noise((64,), [0, 1])
+    ours = samplers.sample("euler", toy_velocity, x1, 4, 3.0)
+    hub.write_scheduler_config(tmp_path, 3.0, 4)
+    config = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert config["shift"] == 3.0
+    assert config["_selfflow_sampler"] == {"sampler": "euler", "steps": 4, "shift": 3.0}
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "shift": 1.0}))
+    assert (diffusers_euler(toy_velocity, x1, tmp_path, 4) - ours).abs().max() > 1e-2
+
+
+def test_the_scheduler_reproduces_a_random_mmdit(small, tiny_cfg, tmp_path):
+    v_fn, x1 = image_velocity(small, tiny_cfg), image_noise(tiny_cfg)
+    hub.write_scheduler_config(tmp_path, 3.0, 4)
+    ours = samplers.sample("euler", v_fn, x1, 4, 3.0)
+    with torch.no_grad():
+        assert (diffusers_euler(v_fn, x1, tmp_path, 4) - ours).abs().max() <= 1e-5
+
+
+def test_diffusers_loads_the_config_without_a_warning(tmp_path):
+    """Our "_selfflow_sampler" entry is one diffusers skips silently (keys starting with "_")."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")  # does not propagate to the root logger
+    logger.addHandler(handler)
+    try:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            hub.write_scheduler_config(tmp_path, 3.0, 4).parents[1], subfolder="scheduler"
+        )
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+    assert scheduler.config.shift == 3.0 and not scheduler.config.use_dynamic_shifting
+
+
+def test_plain_set_timesteps_matches_only_with_a_step_specific_num_train_timesteps():
+    """Why the sigmas are passed (inference/hub.py): set_timesteps(steps) alone ends its unshifted
+    levels at shift(1 / num_train_timesteps), ours at 1 / steps."""
+    for shift, steps in ((1.0, 4), (3.0, 4), (3.0, 25)):
+        ours = samplers.get_schedule(steps, shift)
+        config = hub.scheduler_config(shift, steps)
+        for n_train, same in ((1000, False), (int(shift * (steps - 1) + 1), True)):
+            config["num_train_timesteps"] = n_train
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+            scheduler.set_timesteps(num_inference_steps=steps)
+            assert ((scheduler.sigmas.double() - ours).abs().max() <= 1e-6) == same
+
+
+def test_scheduler_arguments_are_checked():
+    assert hub.scheduler_sigmas(4) == [1.0, 0.75, 0.5, 0.25]
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="steps"):
+            hub.scheduler_config(3.0, bad)
+        with pytest.raises(ValueError, match="steps"):
+            hub.scheduler_sigmas(bad)
+    with pytest.raises(ValueError, match="shift"):
+        hub.scheduler_config(0.0, 4)
