@@ -1,5 +1,5 @@
 """Hugging Face interop: MMDiT save_pretrained / from_pretrained, the diffusers scheduler that
-reproduces our Euler sampler. Offline: nothing here reaches the Hub."""
+reproduces our Euler sampler, and the model card. Offline: nothing here reaches the Hub."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
+import yaml
 from conftest import randomize
 from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file, save_file
 
+from selfflow.configs.schema import config_to_dict
 from selfflow.inference import hub, samplers
 from selfflow.models import flow
 from selfflow.models.factory import model_params
@@ -190,3 +192,67 @@ def test_scheduler_arguments_are_checked():
             hub.scheduler_sigmas(bad)
     with pytest.raises(ValueError, match="shift"):
         hub.scheduler_config(0.0, 4)
+
+
+# The model card
+
+
+def card_info(tiny_cfg, small: MMDiT, **kw) -> hub.CardInfo:
+    cfg = config_to_dict(tiny_cfg)
+    n = sum(p.numel() for p in small.parameters())
+    return hub.CardInfo(small.params, n, cfg, folder="my/model", **kw)
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_model_card_front_matter_and_sections(tiny_cfg, small):
+    metrics = {"FID": 12.5, "KID": 0.106, "OCR | word accuracy": 0.0}
+    card = hub.render_model_card(card_info(tiny_cfg, small, metrics=metrics, data="Fashion-MNIST (MIT)."))
+    meta = front_matter(card)
+    assert meta["license"] == "apache-2.0" and meta["library_name"] == "selfflow"
+    assert meta["pipeline_tag"] == "text-to-video"
+    assert {"self-flow", "mmdit", "flow-matching"} <= set(meta["tags"])
+    headings = [line for line in card.splitlines() if line.startswith("## ")]
+    assert headings == [
+        "## Model",
+        "## Training recipe",
+        "## Data",
+        "## Evaluation",
+        "## Limitations",
+        "## How to sample",
+    ]
+    n = sum(p.numel() for p in small.parameters())
+    assert f"{n:,}" in card and "hidden 192, 4 heads of 48, 2 double-stream + 1 single-stream" in card
+    assert "| FID | 12.5 |" in card and "| KID | 0.106 |" in card
+    assert "| OCR \\| word accuracy | 0.0 |" in card  # escaped: one cell
+    assert "Fashion-MNIST (MIT)." in card
+    assert "selfflow-sample-av --model my/model --prompt" in card and "--out clip.mp4" in card
+    assert 'MMDiT.from_pretrained(FOLDER + "/transformer")' in card and 'FOLDER = "my/model"' in card
+    assert f"the euler sampler, {tiny_cfg.sample.steps} steps" in card
+    assert f"steps = {tiny_cfg.sample.steps}\n" in card
+    assert "set_timesteps(sigmas=scheduler_sigmas(steps))" in card
+
+
+def test_model_card_shows_the_training_recipe(tiny_cfg, small):
+    cfg = config_to_dict(tiny_cfg)
+    cfg["train"] |= {"max_steps": 2277, "lr": 0.001, "ema_decay": 0.995, "batch_size": 16}
+    cfg["objective"]["timesteps"]["video"] = {"kind": "logit_normal", "mu": 0.0, "sigma": 1.0, "shift": 3.0}
+    card = hub.render_model_card(hub.CardInfo(small.params, 1, cfg))
+    assert f"| objective | {cfg['objective']['name']} (gamma default) |" in card
+    assert "| steps | 2277 |" in card and "| EMA decay | 0.995 |" in card and "lr 0.001" in card
+    assert "| batch size | 16 per process x 1 accumulation |" in card
+    assert "| video | logit-normal(mu 0.0, sigma 1.0), shift 3.0 | 0.1 |" in card
+    assert "| image | uniform | 0.25 |" in card and "| av | uniform | video 0.1, audio 0.5 |" in card
+
+
+def test_model_card_with_nothing_optional(small):
+    """Empty metrics, no data or limitations text, an empty config and params as a plain dict."""
+    card = hub.render_model_card(hub.CardInfo(json.loads(json.dumps(asdict(small.params))), 10, {}))
+    assert front_matter(card)["license"] == "apache-2.0"
+    assert "## Evaluation\n\nNone reported." in card and "| steps | n/a |" in card
+    audio_only = {**asdict(small.params), "media_channels": {"audio": 8}}
+    card = hub.render_model_card(hub.CardInfo(audio_only, 10, {}))
+    assert front_matter(card)["pipeline_tag"] == "text-to-audio"
