@@ -5,15 +5,21 @@ modality embedding are the only modality-specific parts. Text is a second stream
 through joint attention. Media tokens carry their own noise level (per-token adaLN-Zero, Self-Flow
 §3.3), so one sample may mix two levels; the modulation is computed for the distinct levels of a
 sample and gathered per token.
+
+Hugging Face interop (huggingface_hub's PyTorchModelHubMixin): `model.save_pretrained(folder)` writes
+`model.safetensors` and `config.json` = {"params": <the MMDiTParams fields>}, the constructor's one
+argument; `MMDiT.from_pretrained(folder)` rebuilds the model from them (an unknown, missing or mistyped
+field is an error, and every weight must be in the file). `push_to_hub` comes with the mixin.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -25,6 +31,7 @@ from selfflow.models.packing import Packed
 
 N_AXES = 4  # rotary axes (t, h, w, l); see selfflow.tokenizers.spec
 PREDICTIONS = ("velocity", "data")
+HUB_TAGS = ("self-flow", "flow-matching", "mmdit", "text-to-image", "text-to-video", "text-to-audio")
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,25 @@ class MMDiTParams:
     @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MMDiTParams:
+        """The inverse of `dataclasses.asdict` after a JSON round trip (axes_dim list -> tuple). Unknown,
+        missing or mistyped fields raise a ValueError naming them; values are checked by MMDiT itself."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"MMDiT params must be a JSON object, got {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        required = {n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING}
+        unknown, missing = sorted(set(data) - set(known)), sorted(required - set(data))
+        if unknown or missing:
+            raise ValueError(f"MMDiT params: unknown fields {unknown}, missing fields {missing}")
+        axes = data["axes_dim"]
+        kw = {**data, "axes_dim": tuple(axes) if isinstance(axes, list) else axes}
+        hints = get_type_hints(cls)
+        bad = [f"{n}={v!r} (want {hints[n]})" for n, v in kw.items() if not _json_type_ok(v, hints[n])]
+        if bad:
+            raise ValueError(f"MMDiT params: mistyped fields {', '.join(bad)}")
+        return cls(**kw)
 
 
 @dataclass
@@ -89,7 +115,15 @@ class LevelSlots:
         return torch.cat([txt, media + self.media_first], dim=1)
 
 
-class MMDiT(nn.Module):
+class MMDiT(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="selfflow",
+    license="apache-2.0",
+    pipeline_tag="text-to-video",
+    tags=list(HUB_TAGS),
+    repo_url=None,
+):
     def __init__(self, params: MMDiTParams) -> None:
         super().__init__()
         _validate(params)
@@ -110,6 +144,18 @@ class MMDiT(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(*blk) for _ in range(p.depth_single))
         self.final = FinalLayer(d, dict(p.media_channels))
         self._init_weights()
+
+    @classmethod
+    def _from_pretrained(
+        cls, *, params: MMDiTParams | Mapping[str, Any] | None = None, strict: bool = True, **kw: Any
+    ) -> MMDiT:
+        """The mixin's loader with config.json's "params" decoded (MMDiTParams.from_json) and strict
+        weights: a missing or unexpected tensor in model.safetensors is an error, not a fresh init."""
+        if params is None:
+            raise ValueError(f"{kw.get('model_id')}: no config.json with 'params' (not a saved MMDiT)")
+        if not isinstance(params, MMDiTParams):
+            params = MMDiTParams.from_json(params)
+        return super()._from_pretrained(params=params, strict=strict, **kw)
 
     def _init_weights(self) -> None:
         # DiT init: xavier for the transformer and input projections, N(0, 0.02) for embeddings;
@@ -298,6 +344,20 @@ def _validate(p: MMDiTParams) -> None:
     check_backend(p.attn_backend)
     if p.prediction not in PREDICTIONS:
         raise ValueError(f"prediction {p.prediction!r} is not one of {PREDICTIONS}")
+
+
+def _json_type_ok(value: Any, hint: Any) -> bool:
+    """Whether a decoded JSON value fits a field type of MMDiTParams (int is a float, bool is no int)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_json_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _json_type_ok(k, args[0]) and _json_type_ok(v, args[1]) for k, v in value.items()
+        )
+    if isinstance(value, bool):
+        return hint is bool
+    return isinstance(value, (int, float) if hint is float else hint)
 
 
 def _data_to_velocity(
