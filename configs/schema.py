@@ -24,6 +24,7 @@ PRESET_DIR = Path(__file__).resolve().parent
 TEXT_TOKENIZERS = ("byte", "sentencepiece", "encoder")
 OBJECTIVES = ("vanilla", "dts_only", "self_flow", "sra", "repa")
 TASKS = ("image", "video", "audio", "av")
+TRACKERS = ("jsonl", "tensorboard", "wandb")  # where training metrics go (training/trackers.py)
 
 
 class ConfigError(ValueError):
@@ -137,7 +138,13 @@ class TrainConfig:
     init_from: str = ""  # a run, checkpoint or snapshot: start from its weights and EMA, fresh optimizer
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | bf16 | fp32
-    log_every: int = 10  # steps between metric syncs (metrics.jsonl, TensorBoard, progress bar)
+    log_every: int = 10  # steps between metric syncs (metrics.jsonl, trackers, progress bar)
+    # where metrics go: jsonl (<run.dir>/metrics.jsonl, required: resume and tools read it) | tensorboard
+    # (<run.dir>/tb) | wandb (Weights & Biases, pip install 'selfflow[trackers]'; the run is named after
+    # run.dir, its id kept in <run.dir>/wandb_id so that a resumed run continues it)
+    trackers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    wandb_project: str = "selfflow"
+    wandb_entity: str = ""  # empty: wandb's default (WANDB_ENTITY or the account's)
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_last: int = 3  # complete checkpoints kept
     t_bins: int = 5  # loss per t-bin: equal-width bins of the base level t
@@ -179,6 +186,18 @@ class TrainConfig:
             raise ConfigError(f"train.schedule {self.schedule!r} is not one of constant, cosine, linear")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision {self.precision!r} is not one of auto, bf16, fp32")
+        self._check_trackers()
+
+    def _check_trackers(self) -> None:
+        unknown = [t for t in self.trackers if t not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"train.trackers: unknown tracker(s) {unknown} (one of {', '.join(TRACKERS)})")
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"train.trackers {list(self.trackers)} names a tracker twice")
+        if "jsonl" not in self.trackers:
+            raise ConfigError(
+                "train.trackers must include jsonl: resume and the tools read <run.dir>/metrics.jsonl"
+            )
 
 
 @dataclass

@@ -69,7 +69,7 @@ def test_meter_averages_steps_and_bins_losses_by_level():
 def test_logger_drops_rows_after_the_resumed_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (10, 20, 30)))
-    logger = RunLogger(tmp_path, resume_step=20, tensorboard=False)
+    logger = RunLogger(tmp_path, resume_step=20)
     logger.log(30, {"loss": 0.5})
     assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(10, 1.0), (20, 1.0), (30, 0.5)]
 
@@ -227,7 +227,7 @@ def test_a_torn_last_metrics_line_is_dropped_and_rewritten_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(_rows(10, 20) + '{"step": 30, "lo')  # killed mid-append
     assert [r["step"] for r in read_metrics(path)] == [10, 20]
-    logger = RunLogger(tmp_path, resume_step=20, tensorboard=False)
+    logger = RunLogger(tmp_path, resume_step=20)
     assert path.read_text() == _rows(10, 20)  # rewritten before anything is appended
     logger.log(30, {"loss": 0.5})
     assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(10, 1.0), (20, 1.0), (30, 0.5)]
@@ -237,7 +237,7 @@ def test_a_torn_last_metrics_line_is_dropped_and_rewritten_on_resume(tmp_path):
 def test_a_last_row_without_its_newline_is_not_merged_with_the_next(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(_rows(10, 20).rstrip("\n"))  # killed between the row and its newline
-    RunLogger(tmp_path, resume_step=20, tensorboard=False).log(30, {"loss": 0.5})
+    RunLogger(tmp_path, resume_step=20).log(30, {"loss": 0.5})
     assert [r["step"] for r in read_metrics(path)] == [10, 20, 30]
 
 

@@ -198,6 +198,7 @@ def test_no_usable_checkpoint_stops_the_run_unless_restart_is_set(fmnist_shards,
     run = tmp_path / "run"
     model = _short_run(fmnist_shards, run, 2) / "step_00000002" / "model.safetensors"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # a full disk, say
+    (run / "wandb_id").write_text("abc123\n")  # as train.trackers=[jsonl,wandb] leaves it
     before = _files(run)
     cmd = [*_main(fmnist_shards, run), "train.max_steps=3"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -211,7 +212,9 @@ def test_no_usable_checkpoint_stops_the_run_unless_restart_is_set(fmnist_shards,
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == 3
     (aside,) = run.glob("unusable-*")
-    assert _files(aside) == {k: v for k, v in before.items() if k.startswith(("checkpoints", "metrics"))}
+    moved = ("checkpoints", "metrics", "wandb_id")  # starting over is a new wandb run
+    assert _files(aside) == {k: v for k, v in before.items() if k.startswith(moved)}
+    assert not (run / "wandb_id").exists()
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["event"] for r in rows[:2]] == ["checkpoint_skipped", "restarted"]
     assert rows[1] == {"step": 0, "event": "restarted", "moved_to": str(aside)}

@@ -14,10 +14,10 @@ from conftest import randomize
 from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file, save_file
 
+from selfflow.configs.factory import model_params
 from selfflow.configs.schema import config_to_dict
 from selfflow.inference import hub, samplers
 from selfflow.models import flow
-from selfflow.models.factory import model_params
 from selfflow.models.mmdit import MMDiT, MMDiTParams
 from selfflow.tokenizers.media import MediaTokenizer
 

@@ -88,6 +88,11 @@ def test_run_writes_checkpoints_samples_and_config(short_run):
     grid = Image.open(run_dir / "samples" / "step_00000050.png")
     assert grid.size[0] > 32 and grid.size[1] > 32
     assert (run_dir / "tb").is_dir() and any((run_dir / "tb").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set(EventAccumulator(str(run_dir / "tb")).Reload().Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/loss_t0", "throughput/tokens_per_s", "data/samples_seen"} <= tags
+    assert all(t.split("/")[0] in ("train", "throughput", "data") for t in tags), tags
 
 
 def test_rerun_resumes_from_latest_and_continues(short_run, tmp_path):

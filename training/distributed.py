@@ -284,7 +284,7 @@ def load_optimizer_state(engine: Any, dist: Dist, state: dict[str, Any]) -> None
 
 
 class QuietLogger:
-    """What ranks other than 0 log through: nothing (rank 0 writes metrics.jsonl and TensorBoard)."""
+    """What ranks other than 0 log through: nothing (rank 0 writes metrics.jsonl and the trackers)."""
 
     def __enter__(self) -> QuietLogger:
         return self

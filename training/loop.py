@@ -8,7 +8,8 @@ paths.
     out = train_step(trainer, batch)      # one optimizer step + EMA update (training/step.py)
 
 Precision: fp32 weights and optimizer; bf16 autocast on CUDA (`train.precision`). The EMA copies are
-fp32. Counters are device tensors until a log interval (`training/tracking.py`).
+fp32. Counters are device tensors until a log interval (`training/tracking.py`); rank 0 writes them to
+metrics.jsonl and the dashboards of `train.trackers` (`training/trackers.py`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from selfflow.training.runlock import hold_run_dir
 from selfflow.training.saving import ResumePlan, restore, resume_plan, save
 from selfflow.training.state import Trainer
 from selfflow.training.step import train_step
+from selfflow.training.trackers import check_trackers, open_trackers
 from selfflow.training.tracking import MetricMeter, RunLogger
 
 TEACHER_OBJECTIVES = ("self_flow", "sra")
@@ -306,6 +308,7 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(
             "data.shards is empty: build shards with tools/make_shards.py, then data.shards=DIR"
         )
+    check_trackers(cfg.train.trackers)  # every rank: a missing package fails here, not after the first steps
     dist, device = dist_io.init_dist(cfg, pick_device(cfg.train.device))
     try:
         with hold_run_dir(cfg.run.dir, dist, device):  # before anything under run.dir is touched
@@ -332,7 +335,7 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
     summary = {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(plan.ckpt), "preempted": None}
     if tr.step >= cfg.train.max_steps:
         return {**summary, "last": {"step": tr.step}}
-    logger = RunLogger(run_dir, resume_step=tr.step) if main else dist_io.QuietLogger()
+    logger = RunLogger(run_dir, tr.step, open_trackers(cfg, tr.step)) if main else dist_io.QuietLogger()
     for event in events:
         logger.log(tr.step, event)
     if started_from is not None:

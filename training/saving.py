@@ -13,8 +13,8 @@ and its data position as `rank_<r>.pt` / `rank_<r>.json`. Resuming needs the sam
 Resuming takes the newest complete checkpoint (training/checkpoint.py checks each against its manifest)
 and reports the newer ones it skipped. When checkpoints exist but none is usable, the run stops with a
 ConfigError rather than silently starting again at step 0 over the old metrics; `train.restart=true`
-allows starting over, after moving the unusable checkpoints and metrics.jsonl aside (never deleting
-them) into `<run.dir>/unusable-<UTC time>/`.
+allows starting over, after moving the unusable checkpoints, metrics.jsonl and wandb_id aside (never
+deleting them) into `<run.dir>/unusable-<UTC time>/`.
 """
 
 from __future__ import annotations
@@ -131,10 +131,11 @@ class ResumePlan:
 
 
 def _set_aside(run_dir: Path) -> Path:
-    """Move checkpoints/ and metrics.jsonl of `run_dir` into a new `unusable-<UTC time>/` folder."""
+    """Move checkpoints/, metrics.jsonl and wandb_id of `run_dir` into a new `unusable-<UTC time>/` folder
+    (the run starting over at step 0 is a new wandb run)."""
     aside = run_dir / time.strftime("unusable-%Y%m%dT%H%M%SZ", time.gmtime())
     aside.mkdir()
-    for name in ("checkpoints", "metrics.jsonl"):
+    for name in ("checkpoints", "metrics.jsonl", "wandb_id"):
         if (run_dir / name).exists():
             (run_dir / name).rename(aside / name)
     return aside

@@ -1,20 +1,20 @@
 """Training metrics: accumulated on the device every step, synced to the host only at log intervals,
-then written to `<run.dir>/metrics.jsonl` (one JSON object per logged step) and TensorBoard.
+then written to `<run.dir>/metrics.jsonl` (one JSON object per logged step, flat keys) and the
+dashboards `train.trackers` lists (TensorBoard, Weights & Biases; grouped names: training/trackers.py).
 
 Per logged step: the objective's metrics averaged over the interval (loss, loss_gen, loss_rep,
 rep_cos, mask_frac, grad_norm), the velocity loss per t-bin (`loss_t0`...: equal-width bins of each
 sample's base level t, t = 1 noise), throughput (samples_per_s, tokens_per_s), lr and samples seen.
 
-A run killed mid-append (or a full disk) can leave a torn last line: `read_metrics` and `truncate_after`
-drop it, and a resumed run rewrites the file cleanly (atomically) before appending, so the torn text
-never ends up in the middle. A line in the middle that is not a JSON object is not what this writer
-leaves behind (two writers, damage, another file): that is a MetricsError naming the line, not dropped.
+Reading the file back, and repairing a torn last line before a resumed run appends, is
+`training/metrics_file.py` (no torch, so plots and reports can read it).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from selfflow.training.metrics_file import (  # re-exported: the loop and tools 
     MetricsError as MetricsError,
 )
 from selfflow.training.metrics_file import read_metrics as read_metrics
-from selfflow.training.metrics_file import truncate_after as truncate_after
+from selfflow.training.metrics_file import truncate_after
+from selfflow.training.trackers import Tracker, dashboard_scalars
 
 ALWAYS = ("loss", "loss_gen", "loss_rep")  # present for every objective (0 where it has none)
 
@@ -78,41 +79,34 @@ class MetricMeter:
 
 
 class RunLogger:
-    """Appends metrics to `<run_dir>/metrics.jsonl` and TensorBoard under `<run_dir>/tb`."""
+    """Appends metrics to `<run_dir>/metrics.jsonl` and passes each metrics row (not the event rows) to
+    the dashboards (training/trackers.py), which it closes on exit."""
 
-    def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, resume_step: int = 0, trackers: Sequence[Tracker] = ()) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_after(self.path, resume_step)
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1)
+        self.trackers = list(trackers)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_after(self.path, resume_step)
+        except BaseException:
+            self.close(failed=True)
+            raise
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.writer is not None:
-            for k, v in values.items():
-                if isinstance(v, int | float):
-                    self.writer.add_scalar(_tb_name(k), v, step)
-            self.writer.flush()
+        if self.trackers and "event" not in values:
+            scalars = dashboard_scalars(values)
+            for tracker in self.trackers:
+                tracker.log(step, scalars)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, failed: bool = False) -> None:
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(failed)
 
     def __enter__(self) -> RunLogger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _tb_name(key: str) -> str:
-    if key.startswith("loss_t") and key[6:].isdigit():
-        return f"loss_by_t/bin{key[6:]}"
-    if key in ("samples_per_s", "tokens_per_s", "lr", "samples_seen"):
-        return f"throughput/{key}"
-    return f"train/{key}"
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
