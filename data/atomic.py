@@ -76,12 +76,14 @@ def write_atomic(path: str | Path, data: str | bytes, durable: bool = False) -> 
 
 def usual_permissions(folder: str | Path) -> Path:
     """Give a folder made with mkdtemp (0700) and the files in it the permissions a plain mkdir and
-    open would have, before it is published by rename."""
+    open would have (subfolders included), before it is published by rename."""
     folder = Path(folder)
     mask = _umask()
-    for item in folder.iterdir():
+    for item in folder.rglob("*"):
         if item.is_file():
             os.chmod(item, 0o666 & ~mask)
+        elif item.is_dir():
+            os.chmod(item, 0o777 & ~mask)
     os.chmod(folder, 0o777 & ~mask)
     return folder
 

@@ -32,7 +32,7 @@ from selfflow.configs.factory import (
 from selfflow.configs.schema import Config, load_config
 from selfflow.data.atomic import atomic_path
 from selfflow.inference import samplers
-from selfflow.inference.snapshot import DEFAULT_SNAPSHOT, WEIGHTS, check_snapshot, is_snapshot
+from selfflow.inference.snapshot import DEFAULT_SNAPSHOT, check_snapshot, is_snapshot, snapshot_weights
 from selfflow.inference.weights import resolve_checkpoint
 from selfflow.models.mmdit import MMDiT
 from selfflow.tokenizers.media import MediaTokenizer
@@ -64,7 +64,7 @@ def resolve_model(path: str | Path | None) -> Path:
 
 def weights_file(path: Path, weights: str = "ema") -> Path:
     """The safetensors file a snapshot or checkpoint (from `resolve_model`) is sampled with."""
-    return path / (WEIGHTS if is_snapshot(path) else f"{weights}.safetensors")
+    return snapshot_weights(path) if is_snapshot(path) else path / f"{weights}.safetensors"
 
 
 def load_snapshot(
@@ -81,7 +81,7 @@ def load_snapshot(
     cfg = check_snapshot(ckpt)[0] if is_snapshot(ckpt) else load_config(ckpt / "config.yaml")
     file = weights_file(ckpt, weights)
     if not file.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} has no {file.name}")
+        raise FileNotFoundError(f"{ckpt} has no {file.relative_to(ckpt)}")
     try:
         if max_memory is not None:
             from selfflow.inference.offload import load_dispatched  # accelerate: only when asked for

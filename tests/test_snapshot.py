@@ -19,6 +19,7 @@ from selfflow.data.shards import sha256_file
 from selfflow.inference import sample_av, sample_image
 from selfflow.inference.pipeline import load_snapshot
 from selfflow.inference.snapshot import (
+    CARD,
     CONFIG,
     DEFAULT_SNAPSHOT,
     INFO,
@@ -34,13 +35,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_export_holds_the_ema_weights_config_and_digest(av_ckpt, tmp_path):
     out = export_snapshot(av_ckpt, tmp_path / "snap", dtype="float32")
-    assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS, CONFIG, INFO])
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == sorted([CARD, CONFIG, INFO, WEIGHTS, "transformer/config.json",
+                            "scheduler/scheduler_config.json"])  # fmt: skip
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
-    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in out.iterdir())
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in out.rglob("*") if p.is_file())
     info = json.loads((out / INFO).read_text())
-    assert info["sha256"] == sha256_file(out / WEIGHTS) and info["step"] == 2 and info["dtype"] == "float32"
+    assert info["files"][WEIGHTS] == sha256_file(out / WEIGHTS)
+    assert set(info["files"]) == set(files) - {CARD, INFO}
+    assert info["format"] == 2 and info["step"] == 2 and info["dtype"] == "float32"
     cfg, state, _ = read_snapshot(out)
     ema = load_weights(av_ckpt, "ema")
     assert state.keys() == ema.keys() and all(torch.equal(state[k], ema[k]) for k in ema)
@@ -62,7 +67,7 @@ def test_a_snapshot_samples_exactly_like_its_checkpoint(av_ckpt, tmp_path):
         wavs.append(out.with_suffix(".wav").read_bytes())
     assert wavs[0] == wavs[1]
     meta = json.loads((tmp_path / "snap.json").read_text())
-    assert meta["model_sha256"] == json.loads((snap / INFO).read_text())["sha256"]
+    assert meta["model_sha256"] == json.loads((snap / INFO).read_text())["files"][WEIGHTS]
 
 
 def test_damaged_or_missing_snapshot_files_are_refused(av_ckpt, tmp_path, capsys):
@@ -221,11 +226,10 @@ def test_a_latent_model_snapshot_carries_its_codecs_and_samples_from_anywhere(sh
 
     stored = load_file(snap / "codecs" / "image" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in stored.values()} == {torch.float16}
-    assert set(info["codecs"]) == {
-        "codecs/image/config.json",
-        "codecs/image/diffusion_pytorch_model.safetensors",
-    }
-    assert json.loads((snap / CONFIG).read_text())["codecs"]["image"] == "codecs/image"
+    assert {"codecs/image/config.json", "codecs/image/diffusion_pytorch_model.safetensors"} <= set(
+        info["files"]
+    )
+    assert load_config(snap / CONFIG).codecs.image == "codecs/image"
     shutil.move(snap, tmp_path / "elsewhere")
     shutil.rmtree(tmp_path / "ae")  # the original codec folder is gone: the snapshot's copy serves
     images = []
