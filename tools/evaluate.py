@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from selfflow.configs.extras import check, reports_missing_extras
 from selfflow.data.atomic import write_atomic
 from selfflow.metrics.protocol import EVAL_TASKS as TASKS
 from selfflow.metrics.protocol import add_protocol_args, protocol_of
@@ -105,8 +106,10 @@ def finite(value: object) -> object:
     return value
 
 
+@reports_missing_extras("selfflow-evaluate")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check("metrics", *(("fid",) if "class" in args.tasks.split(",") else ()))
     try:
         report = run(args)
     except (FileNotFoundError, ValueError, OSError) as e:  # ConfigError is a ValueError

@@ -26,6 +26,7 @@ non-empty DIR is replaced only with --overwrite.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from selfflow.configs.extras import check, reports_missing_extras
 from selfflow.data.benchmark.common import Item
 from selfflow.data.benchmark.registry import TASKS, parse_args
 
@@ -69,8 +71,16 @@ def write_folder(items: Iterator[Item], out: Path, overwrite: bool) -> int:
     return count
 
 
+def needs_emoji(args: argparse.Namespace) -> bool:
+    """Whether the task draws Noto emoji (their table is read with fontTools: the tools extra)."""
+    return args.task == "emoji" or (args.task == "video" and args.source in ("emoji", "mixed"))
+
+
+@reports_missing_extras("selfflow-make-benchmark")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if needs_emoji(args):
+        check("tools")
     try:
         count = write_folder(TASKS[args.task].build(args), args.out, args.overwrite)
     except (ValueError, OSError) as err:

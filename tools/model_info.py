@@ -19,7 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from selfflow.configs.extras import reports_missing_extras
 
+
+@reports_missing_extras("selfflow-model-info")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="preset name or YAML path, e.g. configs/4b.yaml")

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from selfflow.configs.extras import check, reports_missing_extras
 from selfflow.data.atomic import atomic_path
 from selfflow.training.metrics_file import read_metrics  # JSON only: no torch
 
@@ -69,12 +70,14 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
+@reports_missing_extras("selfflow-plot-metrics")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories or metrics.jsonl files")
     p.add_argument("--keys", nargs="+", default=["loss", "loss_gen", "rep_cos"])
     p.add_argument("--out", type=Path, default=Path("curves.png"))
     args = p.parse_args(argv)
+    check("tools")
     try:
         print(plot(args.runs, args.keys, args.out))
     except (FileNotFoundError, ValueError) as e:

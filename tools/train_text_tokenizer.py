@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from selfflow.configs.extras import check, reports_missing_extras
+
 
 def collect_caption_files(inputs: list[Path]) -> list[Path]:
     """Expand files and folders (all ``*.txt`` below, sorted) into a list of caption files."""
@@ -42,9 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+@reports_missing_extras("selfflow-train-tokenizer")
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     args = parse_args(argv)
+    check("encoders")
     from selfflow.tokenizers.text import train_sentencepiece  # imported here: --help starts without torch
 
     try:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from selfflow.configs.extras import check
 from selfflow.tokenizers.media import MediaTokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -311,6 +312,7 @@ def build_encoder(
     name = str(path)
     if name == INCEPTION or name.startswith(f"{INCEPTION}:"):
         layer = name.partition(":")[2] or "mixed_6"
+        check("fid")
         return InceptionEncoder(media_tokenizer, layer, resolution)
     root = Path(path)
     if not root.is_dir():
@@ -319,6 +321,7 @@ def build_encoder(
         raise FileNotFoundError(
             f"REPA encoder directory {root} has no config.json (not a transformers model)"
         )
+    check("encoders")
     from transformers import AutoModel  # local import: transformers takes seconds to import
 
     backbone = AutoModel.from_pretrained(str(root), local_files_only=True)

@@ -36,6 +36,8 @@ import json
 import os
 import sys
 
+from selfflow.configs.extras import check, config_extras, reports_missing_extras
+
 # Nothing heavy at import time: `--help` starts without torch; the config and training stack are
 # imported once the arguments are parsed.
 
@@ -81,6 +83,7 @@ def _fail(e: BaseException, code: int) -> int:
     return code
 
 
+@reports_missing_extras("selfflow-train")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from selfflow.configs.schema import ConfigError, config_to_yaml, load_config
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except (ConfigError, FileNotFoundError) as e:
         return _fail(e, 2)
+    check(*config_extras(cfg))  # before any heavy work
     from selfflow.training.guards import NonFiniteError
     from selfflow.training.loop import train
 
