@@ -79,7 +79,8 @@ demo: setup
 # word signs, moving objects and bouncing balls with sound -> shards -> two small codecs trained on them
 # (tools/train_codec.py: a KL picture codec for images and, frame by frame, video; an Oobleck audio codec)
 # -> shards holding their latents -> the `default` preset trained on those latents on the CPU -> a
-# snapshot that carries the codecs. Rerunning resumes every step.
+# model folder that carries the codecs, with a model card holding its paper-protocol scores
+# (tools/evaluate.py). Rerunning resumes every step.
 DM         ?= outputs/default-model
 DM_STEPS   ?= 2277
 DM_SOURCES := class text video av
@@ -103,7 +104,10 @@ default-model: setup
 	  --latents $(DM)/codecs/image --latents $(DM)/codecs/audio || exit 1; done
 	$(PY) training/main.py --config configs/default.yaml run.dir=$(DM)/run train.max_steps=$(DM_STEPS) \
 	  data.shards=$(subst $(space),$(comma),$(addprefix $(DM)/latent-shards/,$(DM_SOURCES))) $(DM_CODECS)
-	$(PY) tools/export_snapshot.py $(DM)/run --out assets/default
+	$(PY) tools/evaluate.py --model $(DM)/run --n 32 --out $(DM)/eval.json
+	$(PY) tools/export_snapshot.py $(DM)/run --out assets/default --title "selfflow default model (CPU demo)" \
+	  --data configs/cards/default-data.md --limitations configs/cards/default-limitations.md \
+	  --metrics $(DM)/eval.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

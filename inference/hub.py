@@ -105,6 +105,7 @@ class CardInfo:
     metrics: Mapping[str, Any] = field(default_factory=dict)  # metric name -> value
     limitations: str = ""
     folder: str = "path/to/model"  # how the sampling snippets name the folder (or a downloaded repo)
+    step: int | None = None  # the optimizer steps the weights were trained for (None: train.max_steps)
 
 
 def render_model_card(info: CardInfo) -> str:
@@ -123,7 +124,7 @@ def render_model_card(info: CardInfo) -> str:
         f"# {info.title}\n\nA multimodal flow-matching transformer (MMDiT) trained with Self-Flow. "
         "Convention: t = 0 is data, t = 1 is noise, the network predicts the velocity noise - data.\n",
         "## Model\n\n" + _table(["", ""], _model_rows(params, info.num_params)),
-        "## Training recipe\n\n" + _recipe(info.config),
+        "## Training recipe\n\n" + _recipe(info.config, info.step),
         "## Data\n\n" + (info.data.strip() or "Not documented.") + "\n",
         "## Evaluation\n\n" + metrics,
         "## Limitations\n\n" + (info.limitations.strip() or "Not documented.") + "\n",
@@ -173,7 +174,9 @@ def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def _recipe(cfg: Mapping[str, Any]) -> str:
+def _recipe(cfg: Mapping[str, Any], step: int | None = None) -> str:
+    planned = _get(cfg, "train.max_steps")
+    steps = planned if step is None or step == planned else f"{step} (the run was set for {planned})"
     gamma = _get(cfg, "objective.gamma")
     batch = (
         f"packed rows of {_get(cfg, 'data.tokens_per_batch')} tokens"
@@ -182,7 +185,7 @@ def _recipe(cfg: Mapping[str, Any]) -> str:
     )
     rows = [
         ("objective", f"{_get(cfg, 'objective.name')} (gamma {'default' if gamma == -1.0 else gamma})"),
-        ("steps", _get(cfg, "train.max_steps")),
+        ("steps", steps),
         ("batch size", batch),
         (
             "optimizer",

@@ -92,7 +92,7 @@ def export_snapshot(
         info = CardInfo(
             params, count, config_to_dict(cfg), text.title, text.data, text.metrics, text.limitations
         )
-        (tmp / CARD).write_text(render_model_card(dataclasses.replace(info, folder=out.name)))
+        (tmp / CARD).write_text(render_model_card(dataclasses.replace(info, folder=out.name, step=step)))
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         files.pop(CARD)  # documentation: editing the card before publishing it changes no model
         record = {"format": FORMAT, "dtype": dtype, "step": step, "source": f"{ckpt.name} ({weights})"}

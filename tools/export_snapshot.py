@@ -34,7 +34,7 @@ def _text(value: str | None) -> str:
 
 def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """A tools/evaluate.py report -> card rows: the protocol, then each task's sample scores (nested
-    scores flattened with dots, e.g. "av sync.within_frame")."""
+    scores flattened with dots, e.g. "av sync.within_frame"; counts and spreads left out)."""
     settings = report.get("settings", {})
     rows: dict[str, Any] = {}
     if settings:
@@ -48,7 +48,9 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
             for key, value in node.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), value)
         elif isinstance(node, int | float) and not isinstance(node, bool):
-            rows[prefix] = round(node, 4) if isinstance(node, float) else node
+            leaf = prefix.rsplit(".", 1)[-1].rsplit(" ", 1)[-1]
+            if leaf != "n" and not leaf.startswith("n_") and not leaf.endswith("_std"):
+                rows[prefix] = round(node, 4) if isinstance(node, float) else node
 
     for task, sides in report.get("tasks", {}).items():
         for key, value in (sides.get("samples") or {}).items():
