@@ -33,9 +33,11 @@ class Protocol:
         return Protocol(self.sampler, self.steps, self.cfg_scale, tuple(self.guidance_interval), shift)
 
     def record(self) -> dict[str, object]:
-        """What the report states: the settings and whether they are the paper's protocol."""
+        """What the report states: the settings and whether they are the paper's protocol (JSON values,
+        so a record read back from a report compares equal)."""
         paper = (self.sampler, self.steps, self.cfg_scale) == (PAPER.sampler, PAPER.steps, PAPER.cfg_scale)
-        return {"protocol": "paper" if paper else "custom", **asdict(self)}
+        interval = list(self.guidance_interval)
+        return {"protocol": "paper" if paper else "custom", **asdict(self), "guidance_interval": interval}
 
 
 PAPER = Protocol()

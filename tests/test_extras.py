@@ -139,12 +139,11 @@ def test_sampling_reports_a_missing_extra_raised_while_loading(monkeypatch, caps
     assert one_line(capsys.readouterr().err).startswith("error: selfflow-sample-av needs the encoders")
 
 
-def test_the_text_front_end_checks_its_extra(without, tiny_cfg):
+def test_the_text_front_end_checks_its_extra(without):
     from selfflow.configs.factory import build_text_conditioner
 
     without("transformers")
-    text = tiny_cfg.text
-    text.tokenizer, text.path = "encoder", "t5"
+    text = load_config("tiny", ["text.tokenizer=encoder", "text.path=t5"]).text  # not the shared tiny_cfg
     with pytest.raises(MissingExtra, match=r"missing: transformers"):
         build_text_conditioner(text)
 

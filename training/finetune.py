@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from selfflow.configs.schema import ConfigError
+from selfflow.inference.snapshot import is_snapshot, read_snapshot
 from selfflow.training import checkpoint as ckpt_io
 from selfflow.training.distributed import full_parameters
 
@@ -23,8 +24,6 @@ if TYPE_CHECKING:
 
 def _source_weights(source: str) -> tuple[dict[str, Tensor], dict[str, Tensor], str]:
     """(student weights, EMA weights, the path they came from)."""
-    from selfflow.inference.snapshot import is_snapshot, read_snapshot  # inference reads training files
-
     if is_snapshot(source):
         _, weights, _ = read_snapshot(source)
         weights = {k: v.float() for k, v in weights.items()}
