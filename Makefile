@@ -71,7 +71,7 @@ demo: setup
 	$(PY) training/main.py --config configs/tiny.yaml data.shards=$(DEMO)/shards run.dir=$(DEMO)/run \
 	  objective.name=self_flow train.max_steps=$(DEMO_STEPS)
 	$(PY) tools/plot_metrics.py $(DEMO)/run --keys loss_gen rep_cos --out $(DEMO)/loss.png
-	$(PY) inference/sample_image.py --ckpt $(DEMO)/run --prompts configs/prompts/fashion_mnist.txt \
+	$(PY) inference/sample_image.py --model $(DEMO)/run --prompts configs/prompts/fashion_mnist.txt \
 	  --num 8 --out $(DEMO)/samples.png
 	@echo "demo outputs: $(DEMO)/samples.png (samples), $(DEMO)/loss.png (loss curve), $(DEMO)/run (metrics, checkpoints)"
 

@@ -95,7 +95,7 @@ def write_scheduler_config(folder: str | Path, shift: float, steps: int) -> Path
 @dataclass
 class CardInfo:
     """What the model card says. `config` is the resolved training config as plain containers
-    (`configs.schema.config_to_dict`, or a snapshot's config.json); missing entries show as "n/a"."""
+    (`configs.schema.config_to_dict`, or a model folder's config.yaml); missing entries show as "n/a"."""
 
     params: MMDiTParams | Mapping[str, Any]  # the transformer's constructor argument
     num_params: int

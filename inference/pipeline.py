@@ -54,10 +54,10 @@ def autocast(device: torch.device, precision: str = "auto") -> contextlib.Abstra
 
 
 def resolve_model(path: str | Path | None) -> Path:
-    """--ckpt -> a snapshot folder or a complete checkpoint; None -> the default model that ships."""
+    """--model -> a model folder (snapshot) or a complete checkpoint; None -> the default model that ships."""
     if path is None:
         if not is_snapshot(DEFAULT_SNAPSHOT):
-            raise FileNotFoundError(f"no default model at {DEFAULT_SNAPSHOT}: pass --ckpt")
+            raise FileNotFoundError(f"no default model at {DEFAULT_SNAPSHOT}: pass --model")
         return DEFAULT_SNAPSHOT
     return Path(path) if is_snapshot(path) else resolve_checkpoint(path)
 

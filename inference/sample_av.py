@@ -4,11 +4,11 @@ sequence, then decoded and muxed into an mp4 (H.264 + AAC), with the wav, a PNG 
 the frames and a JSON sidecar of how it was made.
 
     python inference/sample_av.py --prompt "a ball bounces three times" --out ball.mp4
-    python inference/sample_av.py --ckpt runs/av --prompts prompts.txt --out clips/av.mp4
+    python inference/sample_av.py --model runs/av --prompts prompts.txt --out clips/av.mp4
 
-`--ckpt` is a snapshot (tools/export_snapshot.py), a run directory, its checkpoints/ folder or one
-checkpoint (the EMA weights are used); without it, the default model that ships in assets/default/
-(MODEL_CARD.md).
+`--model` (alias `--ckpt`) is a model folder (tools/export_snapshot.py), a run directory, its
+checkpoints/ folder or one checkpoint (the EMA weights are used); without it, the default model that
+ships in assets/default/ (MODEL_CARD.md).
 `--duration`, `--fps` and `--size HxW` change the clip spec the model was trained with (positions are
 rotary, so other lengths work, with quality best near the training spec). `--prompts file.txt` makes
 one clip per line: `<out stem>_000.mp4`, ... Every file is written to a temporary name and renamed,

@@ -2,12 +2,13 @@
 """Prompts -> a PNG grid from an EMA snapshot.
 
     python inference/sample_image.py --prompt 'a sign that says "cat"' --num 8 --out grid.png
-    python inference/sample_image.py --ckpt runs/demo --prompts configs/prompts/fashion_mnist.txt
+    python inference/sample_image.py --model runs/demo --prompts configs/prompts/fashion_mnist.txt
 
-`--ckpt` is a snapshot (tools/export_snapshot.py), a run directory, its checkpoints/ folder or one
-checkpoint; the EMA weights and the resolved config saved with them are loaded. Without it, the default
-model that ships in assets/default/ (MODEL_CARD.md). Sample i of prompt p uses seed `--seed + index`,
-so a sample does not depend on the batch it is drawn in. The grid has one row per prompt.
+`--model` (alias `--ckpt`) is a model folder (tools/export_snapshot.py), a run directory, its
+checkpoints/ folder or one checkpoint; the EMA weights and the resolved config saved with them are
+loaded. Without it, the default model that ships in assets/default/ (MODEL_CARD.md). Sample i of prompt
+p uses seed `--seed + index`, so a sample does not depend on the batch it is drawn in. The grid has one
+row per prompt.
 """
 
 from __future__ import annotations

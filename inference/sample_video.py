@@ -3,7 +3,7 @@
 
     python inference/sample_video.py --prompt "the digit 3 moves to the right" --out clip.mp4
 
-Options as in `sample_av.py` (`--ckpt`, default the shipped model; `--prompts`, `--steps`, `--sampler`,
+Options as in `sample_av.py` (`--model`, default the shipped model; `--prompts`, `--steps`, `--sampler`,
 `--cfg`, `--seed`, `--duration`, `--fps`, `--size`); only video tokens are sampled.
 """
 

@@ -171,6 +171,12 @@ def check_snapshot(path: str | Path) -> tuple[Config, dict[str, Any]]:
     digests = dict(info.get("files", {}))
     if info["format"] == 1:  # the weights' digest, then the codecs'
         digests = {V1_WEIGHTS: info.get("sha256"), **info.get("codecs", {})}
+    else:  # everything loading reads must be pinned (a hand-edited or partial snapshot.json is not)
+        used = {WEIGHTS, CONFIG, f"{TRANSFORMER}/config.json"}
+        used |= {str(p.relative_to(path)) for p in (path / "codecs").rglob("*") if p.is_file()}
+        unpinned = sorted(used - set(digests))
+        if unpinned:
+            raise ValueError(f"{path}: {INFO} has no sha256 for {', '.join(unpinned)}")
     for name in (snapshot_weights(path).relative_to(path), config):
         if not (path / name).is_file():
             raise FileNotFoundError(f"snapshot {path} has no {name}")

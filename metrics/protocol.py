@@ -27,17 +27,23 @@ class Protocol:
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # levels t (1 = noise) where CFG applies
     shift: float | None = None
 
+    model_shift: float | None = None  # set by `resolve`: the shift the paper's protocol would use
+
     def resolve(self, model_shift: float) -> Protocol:
         """The settings with the model's sample shift filled in."""
         shift = model_shift if self.shift is None else self.shift
-        return Protocol(self.sampler, self.steps, self.cfg_scale, tuple(self.guidance_interval), shift)
+        interval = tuple(self.guidance_interval)
+        return Protocol(self.sampler, self.steps, self.cfg_scale, interval, shift, model_shift)
 
     def record(self) -> dict[str, object]:
-        """What the report states: the settings and whether they are the paper's protocol (JSON values,
-        so a record read back from a report compares equal)."""
-        paper = (self.sampler, self.steps, self.cfg_scale) == (PAPER.sampler, PAPER.steps, PAPER.cfg_scale)
-        interval = list(self.guidance_interval)
-        return {"protocol": "paper" if paper else "custom", **asdict(self), "guidance_interval": interval}
+        """What the report states: the settings and whether they are the paper's protocol, i.e. its
+        sampler, steps and no guidance at the model's own shift (JSON values, so a record read back from
+        a report compares equal)."""
+        same = (self.sampler, self.steps, self.cfg_scale) == (PAPER.sampler, PAPER.steps, PAPER.cfg_scale)
+        paper = same and (self.shift is None or self.model_shift is None or self.shift == self.model_shift)
+        out = {"protocol": "paper" if paper else "custom", **asdict(self)}
+        del out["model_shift"]
+        return out | {"guidance_interval": list(self.guidance_interval)}
 
 
 PAPER = Protocol()

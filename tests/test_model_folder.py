@@ -93,6 +93,15 @@ def test_the_sampling_commands_take_the_folder_and_refuse_a_mismatch(folder, tmp
         read_snapshot(bad)
     assert sample_image.main(["--model", str(bad), "--prompt", "x", "--out", str(tmp_path / "b.png")]) == 2
     assert "describe other models" in capsys.readouterr().err
+    from selfflow.configs.schema import ConfigError
+    from selfflow.training.finetune import _source_weights
+
+    with pytest.raises(ConfigError, match="train.init_from .*describe other models"):  # one line, exit 2
+        _source_weights(str(bad))
+    del info["files"][WEIGHTS]  # a partial snapshot.json: the weights would load unchecked
+    (bad / INFO).write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="no sha256 for transformer/model.safetensors"):
+        read_snapshot(bad)
 
 
 def test_a_format_1_snapshot_still_loads(folder, tmp_path):

@@ -32,6 +32,8 @@ def test_a_changed_setting_is_recorded_as_custom():
     record = protocol_of(args).resolve(model_shift=1.0).record()
     assert record["protocol"] == "custom" and record["guidance_interval"] == [0.0, 0.7]
     assert Protocol(shift=2.0).resolve(model_shift=5.0).shift == 2.0  # an explicit shift wins
+    assert Protocol(shift=2.0).resolve(model_shift=5.0).record()["protocol"] == "custom"
+    assert Protocol(shift=5.0).resolve(model_shift=5.0).record()["protocol"] == "paper"
     assert json.loads(json.dumps(record)) == record  # a report read back compares equal (benchmark reruns)
 
 

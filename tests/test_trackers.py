@@ -97,7 +97,8 @@ def _offline_runs(wandb_dir: Path, n: int) -> list[dict]:
     deadline = time.monotonic() + 60
     while True:
         runs = [_offline_run(p) for p in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))]
-        if (len(runs) == n and all(r["exit"] is not None for r in runs)) or time.monotonic() > deadline:
+        done = all(r["exit"] is not None for r in runs) and (len(runs) == n or n < 0)  # n < 0: any number
+        if done or time.monotonic() > deadline:
             return runs
         time.sleep(0.2)
 
@@ -115,7 +116,7 @@ def _offline_run(path: Path) -> dict:
                 item.key or "/".join(item.nested_key): json.loads(item.value_json)
                 for item in rec.history.item
             }
-            run["history"][row["_step"]] = row
+            run["history"][row["step"]] = row  # the training step (wandb's own _step only counts rows)
         elif kind == "exit":
             run["exit"] = rec.exit.exit_code
     return run
@@ -154,3 +155,23 @@ def test_wandb_offline_run_is_preempted_then_resumed_into_the_same_run(fmnist_sh
     assert second["id"] == run_id and (run_dir / "wandb_id").read_text().strip() == run_id
     assert sorted(second["history"]) == [10] and second["exit"] == 0
     assert second["history"][10]["data/samples_seen"] == 10 * 16
+
+
+def test_wandb_keeps_the_steps_a_resumed_run_repeats(tmp_path, monkeypatch):
+    """A crash after the last checkpoint: the resumed run logs steps again that wandb has seen. Logged as
+    the `step` metric (not wandb's step), they are kept instead of dropped."""
+    pytest.importorskip("wandb")
+    from selfflow.training.trackers import WandbTracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = load_config("tiny", [f"run.dir={tmp_path / 'crashed'}", "train.trackers=[jsonl,wandb]"])
+    tracker = WandbTracker(cfg)
+    run_id = tracker.run.id
+    for step, loss in ((10, 1.0), (20, 0.5), (10, 0.9)):  # 20 was logged, then the run resumed at 10
+        tracker.log(step, {"train/loss": loss})
+    tracker.close()
+    wandb_dir = Path(tracker.run.dir).parents[2]  # <WANDB_DIR>/wandb/offline-run-*/files (read once)
+    (run,) = [r for r in _offline_runs(wandb_dir, -1) if r["id"] == run_id]
+    assert sorted(run["history"]) == [10, 20] and run["history"][10]["train/loss"] == 0.9

@@ -130,7 +130,10 @@ def _stored_evals(path: Path, settings: EvalSettings) -> dict[str, dict]:
         return {}
     stored = json.loads(path.read_text())
     if stored["settings"] != settings.record():
-        raise ValueError(f"{path} was scored with other evaluation options; use them again or another --out")
+        raise ValueError(
+            f"{path} was scored with other evaluation options (or before 2026-12-07, when the sampler "
+            "settings became `protocol`); use them again or another --out"
+        )
     return stored["evals"]
 
 

@@ -26,9 +26,6 @@ STAGING = ".staging"  # input shards, unpacked (removed at the end)
 FORMAT = "selfflow-shards/2"
 
 
-# ---------------------------------------------------------------------- building
-
-
 def check_output(output: Path, source: str, shards: list[str]) -> None:
     if output.resolve() == Path(source).resolve():
         raise ValueError(f"--output {output} must differ from --input")

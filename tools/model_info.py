@@ -3,15 +3,8 @@
 
     python tools/model_info.py configs/4b.yaml [key=value ...]
 
-The model is built on the meta device. FLOPs are counted by torch's FlopCounterMode on meta
-tensors (matmuls and attention; elementwise work is not counted, as is usual for MFU):
-Self-Flow's student forward+backward with two noise levels per sample, its projector, and the EMA
-teacher's forward truncated after block k = round(0.7 depth).
-
-Two samples are sized: the preset's training clip, and a realistic one in the preset's codec geometry
-(`realistic_spec`): about 5 s of 480 x 848 video at about 16 fps with 44.1 kHz audio, and a 1024 px
-image. Its exact length is the first whole number of audio tokens past 5 s, and its frame count the
-nearest one the video codec and time patch accept (Wan-class causal VAEs: 1 + 4k frames).
+How the model is sized and the FLOPs counted (meta device, FlopCounterMode, Self-Flow's student, projector
+and truncated teacher; the preset's clip and a realistic 5 s 480p sample): `training/flops.py`.
 """
 
 from __future__ import annotations

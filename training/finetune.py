@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 def _source_weights(source: str) -> tuple[dict[str, Tensor], dict[str, Tensor], str]:
     """(student weights, EMA weights, the path they came from)."""
     if is_snapshot(source):
-        _, weights, _ = read_snapshot(source)
+        try:
+            _, weights, _ = read_snapshot(source)
+        except ValueError as e:  # a damaged, swapped or inconsistent snapshot: bad input, one line
+            raise ConfigError(f"train.init_from {source}: {e}") from None
         weights = {k: v.float() for k, v in weights.items()}
         return weights, weights, str(source)
     ckpt = ckpt_io.resolve_checkpoint(source)

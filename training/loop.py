@@ -335,17 +335,17 @@ def _train(tr: Trainer, plan: ResumePlan, progress: bool) -> dict[str, Any]:
     summary = {"run_dir": str(run_dir), "step": tr.step, "checkpoint": str(plan.ckpt), "preempted": None}
     if tr.step >= cfg.train.max_steps:
         return {**summary, "last": {"step": tr.step}}
-    logger = RunLogger(run_dir, tr.step, open_trackers(cfg, tr.step)) if main else dist_io.QuietLogger()
-    for event in events:
-        logger.log(tr.step, event)
-    if started_from is not None:
-        logger.log(tr.step, {"event": "init_from", "source": started_from})
     meter = MetricMeter(cfg.train.t_bins, tr.device)
     sampler = Generator(cfg, tr.ema.model, tr.device, cfg.train.precision, tr.media, tr.encode_text)
-    bar = tqdm(total=cfg.train.max_steps, initial=tr.step, disable=not progress, desc=cfg.objective.name)
     prompts: list[str] = list(cfg.sample.prompts)
     last, grid_task = {"step": tr.step}, None
-    with Preemption(cfg.train.preempt_signals) as stop, logger, bar:
+    bar = tqdm(total=cfg.train.max_steps, initial=tr.step, disable=not progress, desc=cfg.objective.name)
+    logger = RunLogger(run_dir, tr.step, open_trackers(cfg, tr.step)) if main else dist_io.QuietLogger()
+    with Preemption(cfg.train.preempt_signals) as stop, logger, bar:  # closes the trackers whatever happens
+        for event in events:
+            logger.log(tr.step, event)
+        if started_from is not None:
+            logger.log(tr.step, {"event": "init_from", "source": started_from})
         for micro, items in step_batches(tr, tr.data, cfg.train.grad_accum):
             batch, keys = micro[0], [key for item in items for key in item.keys]
             prompts = prompts or sorted(set(items[0].captions))

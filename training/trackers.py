@@ -42,6 +42,7 @@ INSTALL = {  # tracker -> (module, how to install it)
     "wandb": ("wandb", "pip install 'selfflow[trackers]'"),
 }
 WANDB_ID = "wandb_id"
+STEP = "step"  # the x axis of the wandb charts: the training step
 
 
 def metric_name(key: str) -> str:
@@ -83,11 +84,16 @@ def open_trackers(cfg: Config, resume_step: int) -> list[Tracker]:
     """The dashboards `train.trackers` lists (jsonl is the RunLogger's own file)."""
     check_trackers(cfg.train.trackers)
     opened: list[Tracker] = []
-    for name in cfg.train.trackers:
-        if name == "tensorboard":
-            opened.append(TensorBoardTracker(Path(cfg.run.dir), resume_step))
-        elif name == "wandb":
-            opened.append(WandbTracker(cfg))
+    try:
+        for name in cfg.train.trackers:
+            if name == "tensorboard":
+                opened.append(TensorBoardTracker(Path(cfg.run.dir), resume_step))
+            elif name == "wandb":
+                opened.append(WandbTracker(cfg))
+    except BaseException:
+        for tracker in opened:  # a later tracker failed to open: close the ones that did
+            tracker.close(failed=True)
+        raise
     return opened
 
 
@@ -119,7 +125,12 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 class WandbTracker:
-    """One wandb run per run.dir, continued on resume; finished (failed when the run raised) on close."""
+    """One wandb run per run.dir, continued on resume; finished (failed when the run raised) on close.
+
+    The training step is logged as the metric `step`, the x axis of every chart, and not as wandb's own
+    step: wandb drops rows whose step is below one it has seen, so the steps a resumed run repeats
+    after its checkpoint (a crash after the last save) would be lost. They are kept, at their step.
+    """
 
     def __init__(self, cfg: Config) -> None:
         wandb = importlib.import_module("wandb")
@@ -134,9 +145,11 @@ class WandbTracker:
             config=config_to_dict(cfg),
             dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
         )
+        self.run.define_metric(STEP)
+        self.run.define_metric("*", step_metric=STEP)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        self.run.log(scalars, step=step)
+        self.run.log({**scalars, STEP: step})
 
     def close(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else 0)
