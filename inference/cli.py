@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from selfflow.configs.schema import Config
+    from selfflow.inference.pipeline import Generator
     from selfflow.models.mmdit import MMDiT
 
 SAMPLER_NAMES = (
@@ -71,6 +72,18 @@ def sampling_settings(args: argparse.Namespace) -> dict[str, object]:
     lo, hi = args.guidance_interval
     return {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "guidance_interval": [lo, hi],
             "shift": args.shift}  # fmt: skip
+
+
+def generate(
+    gen: Generator,
+    args: argparse.Namespace,
+    prompts: list[str],
+    seeds: list[int],
+    modalities: tuple[str, ...],
+) -> dict[str, torch.Tensor]:
+    """`Generator.generate` with the sampler options of the command line."""
+    return gen.generate(prompts, seeds, modalities, args.steps, args.sampler, args.cfg, args.shift,
+                        args.guidance_interval, progress=not args.quiet)  # fmt: skip
 
 
 def read_prompts(given: list[str], path: Path | None) -> list[str]:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from selfflow.configs.extras import MissingExtra
-from selfflow.inference.cli import add_sampling_args, read_prompts, sampling_settings
+from selfflow.inference.cli import add_sampling_args, generate, read_prompts, sampling_settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,17 +65,7 @@ def run(args: argparse.Namespace, modalities: tuple[str, ...] = ("video", "audio
     for first in range(0, len(prompts), args.batch):  # clip i uses seed + i, whatever the batch
         chunk = prompts[first : first + args.batch]
         seeds = [args.seed + first + j for j in range(len(chunk))]
-        media = gen.generate(
-            chunk,
-            seeds,
-            modalities,
-            args.steps,
-            args.sampler,
-            args.cfg,
-            args.shift,
-            args.guidance_interval,
-            progress=not args.quiet,
-        )
+        media = generate(gen, args, chunk, seeds, modalities)
         for j, (prompt, seed) in enumerate(zip(chunk, seeds, strict=True)):
             i = first + j
             out = args.out if len(prompts) == 1 else args.out.with_name(f"{args.out.stem}_{i:03d}.mp4")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from selfflow.configs.extras import reports_missing_extras
-from selfflow.inference.cli import add_sampling_args, check_sampling, load_model, read_prompts
+from selfflow.inference.cli import add_sampling_args, check_sampling, generate, load_model, read_prompts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,17 +49,7 @@ def run(args: argparse.Namespace) -> Path:
     images = []
     for start in range(0, len(jobs), args.batch):
         chunk = jobs[start : start + args.batch]
-        out = gen.generate(
-            [p for p, _ in chunk],
-            [s for _, s in chunk],
-            ("image",),
-            args.steps,
-            args.sampler,
-            args.cfg,
-            args.shift,
-            args.guidance_interval,
-            progress=not args.quiet,
-        )
+        out = generate(gen, args, [p for p, _ in chunk], [s for _, s in chunk], ("image",))
         images.append(out["image"])
     return save_image(image_grid(torch.cat(images), nrow=args.num), args.out)
 
