@@ -127,6 +127,9 @@ class TrainConfig:
     lr: float = 1e-4
     warmup_steps: int = 0  # linear warm-up, then `schedule`
     schedule: str = "constant"  # after warm-up: constant | cosine | linear (decay to 0 at max_steps)
+    # cosine / linear decay over only the last `decay_steps` steps, constant lr before them (warm-up,
+    # stable, decay: a constant-lr run can be continued and cooled down); 0: decay from the warm-up's end
+    decay_steps: int = 0
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global grad-norm; <= 0 disables
@@ -184,6 +187,11 @@ class TrainConfig:
             raise ConfigError(f"train.preempt_signals: unknown signal(s) {unknown} (e.g. SIGTERM, SIGUSR1)")
         if self.schedule not in ("constant", "cosine", "linear"):
             raise ConfigError(f"train.schedule {self.schedule!r} is not one of constant, cosine, linear")
+        if not 0 <= self.decay_steps <= self.max_steps - max(self.warmup_steps, 0):
+            raise ConfigError(
+                f"train.decay_steps={self.decay_steps} must be in [0, max_steps - warmup_steps = "
+                f"{self.max_steps - max(self.warmup_steps, 0)}]"
+            )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision {self.precision!r} is not one of auto, bf16, fp32")
         self._check_trackers()

@@ -147,6 +147,49 @@ def test_lr_schedules_warm_up_then_decay_as_named(schedule):
         load_config("tiny", ["train.schedule=step"])
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_decay_steps_hold_the_lr_then_decay_over_the_last_steps(schedule):
+    from selfflow.training.loop import lr_factor
+
+    over = ["train.warmup_steps=4", "train.max_steps=104", f"train.schedule={schedule}"]
+    t = load_config("tiny", [*over, "train.decay_steps=50"]).train
+    factors = [lr_factor(t, s) for s in range(104)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and set(factors[4:55]) == {1.0}
+    assert factors[79] == pytest.approx(0.5) and 0 < factors[103] < factors[102] < factors[55] < 1.0
+    # decaying over every step after the warm-up is the plain schedule
+    whole = load_config("tiny", [*over, "train.decay_steps=100"]).train
+    plain = load_config("tiny", over).train
+    assert [lr_factor(whole, s) for s in range(104)] == [lr_factor(plain, s) for s in range(104)]
+    with pytest.raises(ConfigError, match="train.decay_steps=101 must be in"):
+        load_config("tiny", [*over, "train.decay_steps=101"])
+
+
+def test_a_resumed_scheduler_follows_the_new_config_schedule():
+    """Cooling down a constant-lr run: its scheduler state, loaded under a decay schedule, takes the
+    new schedule at the saved step (torch's LambdaLR keeps no copy of the old one)."""
+    from functools import partial
+
+    import torch
+
+    from selfflow.training.loop import lr_factor
+
+    over = ["train.max_steps=100", "train.lr=0.1"]
+    old, new = (load_config("tiny", [*over, *x]).train for x in ([], ["train.schedule=linear",
+                                                                     "train.decay_steps=40"]))  # fmt: skip
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    first = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, old))
+    for _ in range(80):
+        opt.step()
+        first.step()
+    state = first.state_dict()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    second = torch.optim.lr_scheduler.LambdaLR(opt2, partial(lr_factor, new))
+    second.load_state_dict(state)
+    second.step()
+    assert second.get_last_lr()[0] == pytest.approx(0.1 * lr_factor(new, 81))
+    assert lr_factor(new, 81) == pytest.approx(1 - 21 / 40)
+
+
 @pytest.mark.parametrize("name", ["base", "4b"])
 def test_large_presets_describe_latent_runs_with_the_codecs_people_have(name, tmp_path):
     """base / 4b: codec latents of a 16-channel 8x KL image autoencoder, diffusers' default Wan 2.1 VAE

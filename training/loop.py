@@ -66,11 +66,13 @@ def _repa_encoder(cfg: Config, media: MediaTokenizer, device: torch.device) -> A
 
 def lr_factor(t: TrainConfig, step: int) -> float:
     """The learning rate of optimizer step `step` (from 0) over train.lr: a linear warm-up over
-    `warmup_steps`, then `schedule`: constant, or a cosine / linear decay to 0 at `max_steps`."""
+    `warmup_steps`, then `schedule`: constant, or a cosine / linear decay to 0 at `max_steps`, over the
+    last `decay_steps` steps when that is set (constant until they start)."""
     warmup = max(t.warmup_steps, 0)
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, t.max_steps - warmup))
+    start = t.max_steps - t.decay_steps if t.decay_steps else warmup  # the decay's first step
+    progress = min(1.0, max(0, step - start) / max(1, t.max_steps - start))
     if t.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0 - progress if t.schedule == "linear" else 1.0
