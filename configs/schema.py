@@ -187,10 +187,10 @@ class TrainConfig:
             raise ConfigError(f"train.preempt_signals: unknown signal(s) {unknown} (e.g. SIGTERM, SIGUSR1)")
         if self.schedule not in ("constant", "cosine", "linear"):
             raise ConfigError(f"train.schedule {self.schedule!r} is not one of constant, cosine, linear")
-        if not 0 <= self.decay_steps <= self.max_steps - max(self.warmup_steps, 0):
+        room = self.max_steps - max(self.warmup_steps, 0)  # steps after the warm-up (may be < 0: all warm-up)
+        if self.decay_steps < 0 or (self.decay_steps and self.decay_steps > room):
             raise ConfigError(
-                f"train.decay_steps={self.decay_steps} must be in [0, max_steps - warmup_steps = "
-                f"{self.max_steps - max(self.warmup_steps, 0)}]"
+                f"train.decay_steps={self.decay_steps} must be in [0, max_steps - warmup_steps = {room}]"
             )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision {self.precision!r} is not one of auto, bf16, fp32")

@@ -58,7 +58,9 @@ def add_sampling_args(p: argparse.ArgumentParser, cfg_scale: float = 3.0) -> Non
         metavar="LO,HI",
         help="apply CFG only at levels t in [LO, HI] (t = 1 is noise; default 0,1: every step)",
     )
-    p.add_argument("--shift", type=float, default=1.0, help="timestep shift of the schedule")
+    p.add_argument(
+        "--shift", type=float, help="timestep shift of the schedule (default: the model's sample.shift)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -119,4 +121,6 @@ def load_model(args: argparse.Namespace, weights: str = "ema") -> tuple[Path, Co
 
         budget = parse_max_memory(args.max_memory)
     cfg, model = load_snapshot(path, device, weights, budget, args.offload_dir)
+    if args.shift is None:  # the shift the model was made to sample with (its codec's, paper App. A.4)
+        args.shift = cfg.sample.shift
     return path, cfg, model, device

@@ -68,6 +68,21 @@ def test_duration_and_size_overrides(av_ckpt, tmp_path):
         )
 
 
+def test_the_shift_defaults_to_the_models_sample_shift(av_ckpt, tmp_path):
+    shifted = tmp_path / "shifted"
+    shutil.copytree(av_ckpt, shifted)
+    text = (shifted / "config.yaml").read_text()
+    assert "\n  shift: 1.0\n" in text
+    (shifted / "config.yaml").write_text(text.replace("\n  shift: 1.0\n", "\n  shift: 3.0\n"))
+    write_manifest(shifted)
+    metas = []
+    for name, extra in (("model", []), ("given", ["--shift", "1.5"])):
+        out = tmp_path / f"{name}.mp4"
+        assert _run("--ckpt", str(shifted), "--prompt", "x", "--steps", "2", "--out", str(out), *extra) == 0
+        metas.append(json.loads(out.with_suffix(".json").read_text()))
+    assert [m["shift"] for m in metas] == [3.0, 1.5]
+
+
 def test_bad_input_fails_with_one_line_and_writes_nothing(av_ckpt, tmp_path, capsys):
     corrupt, truncated, mismatched = tmp_path / "corrupt", tmp_path / "truncated", tmp_path / "mismatched"
     for d in (corrupt, truncated, mismatched):
