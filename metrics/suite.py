@@ -13,6 +13,10 @@ Tasks and metrics:
   av     bouncing balls with impact sounds: A/V offset (median, fraction within one frame), the share of
          clips whose number of visible bounces matches the caption, and warping error, samples and real
 
+With `codec=True` a third side, "codec", scores the real items after one encode / decode round trip
+through the model's codecs: the best the transformer could reach with these codecs (a reconstruction
+score, like rFID), so a low sample score can be put on the codec or on the transformer.
+
 References are built with `seed` (default 1), which the shipped model's training data (seed 0) did not
 use; class items come from the test split. Real media go through the training reader's decoding
 (`decode_sample`, with the config's `data.image_fit`), so both sides have the same geometry.
@@ -108,24 +112,47 @@ def _score(task: str, media: dict[str, torch.Tensor], items: list[Item], fps: fl
     return report
 
 
+@torch.no_grad()
+def reconstruct(gen: Generator, media: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+    """{modality: [N, ...]} -> the same after the model's codecs encode and decode it (in batches)."""
+    n = next(iter(media.values())).shape[0]
+    parts = []
+    for first in range(0, n, batch):
+        chunk = {m: x[first : first + batch].to(gen.device) for m, x in media.items()}
+        tokens, _ = gen.media.encode(chunk)
+        parts.append({m: x.float().cpu() for m, x in gen.media.decode(tokens).items()})
+    return {m: torch.cat([p[m] for p in parts]) for m in media}
+
+
 def evaluate_task(
-    gen: Generator, task: str, n: int, protocol: Protocol = PAPER, seed: int = 1, batch: int = 8
+    gen: Generator,
+    task: str,
+    n: int,
+    protocol: Protocol = PAPER,
+    seed: int = 1,
+    batch: int = 8,
+    codec: bool = False,
 ) -> dict[str, Any]:
-    """{"samples": metrics, "real": metrics} (class: KID / FID of both against one real set)."""
+    """{"samples": metrics, "real": metrics[, "codec": metrics]} (class: KID / FID of each against one
+    real set)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     items = reference_items(task, n, seed, gen.cfg)
     real = decode_items(items, task, gen.cfg)
-    samples = generate(gen, [it.caption for it in items], task, protocol, batch)
+    sides = {"samples": generate(gen, [it.caption for it in items], task, protocol, batch)}
     if task != "class":
+        sides["real"] = real
+        if codec:
+            sides["codec"] = reconstruct(gen, real, batch)
         spec = gen.cfg.spec
-        return {"samples": _score(task, samples, items, spec.fps, spec.sample_rate),
-                "real": _score(task, real, items, spec.fps, spec.sample_rate)}  # fmt: skip
-    other = decode_items(reference_items(task, n, seed, gen.cfg, split="train"), task, gen.cfg)["image"]
+        return {side: _score(task, media, items, spec.fps, spec.sample_rate) for side, media in sides.items()}
+    sides["real"] = decode_items(reference_items(task, n, seed, gen.cfg, split="train"), task, gen.cfg)
+    if codec:  # the codec's reconstructions of the same second real set
+        sides["codec"] = reconstruct(gen, sides["real"], batch)
     ref = fid.inception_features(real["image"])  # [n, 2048]
     out = {}
-    for side, images in (("samples", samples["image"]), ("real", other)):
-        feats = fid.inception_features(images)
+    for side, media in sides.items():
+        feats = fid.inception_features(media["image"])
         kid_mean, kid_std = fid.kid(feats, ref, subsets=50, subset_size=n, seed=seed)
         out[side] = {"kid": kid_mean, "kid_std": kid_std, "fid": fid.fid(feats, ref), "n": n}
     return out

@@ -5,7 +5,8 @@
 
 `--model` (or `--ckpt`) is a model folder, snapshot, run or checkpoint (default: the shipped model).
 `--tasks ""` skips the sample-based tasks; `--probe N` adds per-block probe accuracies of the hidden
-states and `--val-shards DIR` the validation velocity loss per t-bin. For each task, n held-out
+states, `--val-shards DIR` the validation velocity loss per t-bin and `--codec` the scores of the real
+items after the model's codecs encode and decode them (what its codecs allow). For each task, n held-out
 benchmark items are built at the model's clip spec with `--seed`, samples are drawn from their captions
 (sample i with seed i), and samples and real items are scored alike. Samples follow the paper's
 protocol unless told otherwise (metrics/protocol.py): 50 Euler steps, no guidance, the model's sample
@@ -39,6 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_protocol_args(p)
     p.add_argument("--seed", type=int, default=1, help="benchmark seed of the reference items")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument(
+        "--codec",
+        action="store_true",
+        help="also score the real items after a round trip through the model's codecs (the ceiling "
+        "its codecs set), as a third side `codec` of each task",
+    )
     p.add_argument(
         "--probe",
         type=int,
@@ -87,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     for task in tasks:
         start = time.perf_counter()
-        report["tasks"][task] = evaluate_task(gen, task, args.n, protocol, args.seed, args.batch)
+        report["tasks"][task] = evaluate_task(gen, task, args.n, protocol, args.seed, args.batch, args.codec)
         report["tasks"][task] = finite(report["tasks"][task]) | {
             "seconds": round(time.perf_counter() - start, 1)
         }
