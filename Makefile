@@ -82,7 +82,7 @@ demo: setup
 # model folder that carries the codecs, with a model card holding its paper-protocol scores
 # (tools/evaluate.py). Rerunning resumes every step.
 DM         ?= outputs/default-model
-DM_STEPS   ?= 2277
+DM_STEPS   ?= 5100
 DM_SOURCES := class text video av
 DM_CODECS  := codecs.image=$(DM)/codecs/image codecs.video=$(DM)/codecs/image codecs.audio=$(DM)/codecs/audio
 default-model: setup
@@ -104,7 +104,7 @@ default-model: setup
 	  --latents $(DM)/codecs/image --latents $(DM)/codecs/audio || exit 1; done
 	$(PY) training/main.py --config configs/default.yaml run.dir=$(DM)/run train.max_steps=$(DM_STEPS) \
 	  data.shards=$(subst $(space),$(comma),$(addprefix $(DM)/latent-shards/,$(DM_SOURCES))) $(DM_CODECS)
-	$(PY) tools/evaluate.py --model $(DM)/run --n 32 --out $(DM)/eval.json
+	$(PY) tools/evaluate.py --model $(DM)/run --n 32 --codec --out $(DM)/eval.json
 	$(PY) tools/export_snapshot.py $(DM)/run --out assets/default --title "selfflow default model (CPU demo)" \
 	  --data configs/cards/default-data.md --limitations configs/cards/default-limitations.md \
 	  --metrics $(DM)/eval.json

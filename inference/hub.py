@@ -174,6 +174,17 @@ def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def _schedule(cfg: Mapping[str, Any]) -> str:
+    """The lr after warm-up: "constant", "linear decay to 0", or with train.decay_steps "constant, then
+    linear decay to 0 over the last N steps"."""
+    name, last = _get(cfg, "train.schedule"), _get(cfg, "train.decay_steps")
+    if name not in ("cosine", "linear"):
+        return str(name)
+    if last in (0, "n/a"):
+        return f"{name} decay to 0"
+    return f"constant, then {name} decay to 0 over the last {last} steps"
+
+
 def _recipe(cfg: Mapping[str, Any], step: int | None = None) -> str:
     planned = _get(cfg, "train.max_steps")
     steps = planned if step is None or step == planned else f"{step} (the run was set for {planned})"
@@ -191,7 +202,7 @@ def _recipe(cfg: Mapping[str, Any], step: int | None = None) -> str:
             "optimizer",
             f"AdamW, lr {_get(cfg, 'train.lr')}, betas {_get(cfg, 'train.betas')}, weight decay "
             f"{_get(cfg, 'train.weight_decay')}, {_get(cfg, 'train.warmup_steps')} warm-up steps, then "
-            f"{_get(cfg, 'train.schedule')}; grad clip {_get(cfg, 'train.grad_clip')}",
+            f"{_schedule(cfg)}; grad clip {_get(cfg, 'train.grad_clip')}",
         ),
         ("EMA decay", _get(cfg, "train.ema_decay")),
         ("caption dropout (CFG)", _get(cfg, "objective.caption_dropout")),

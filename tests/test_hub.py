@@ -246,6 +246,13 @@ def test_model_card_shows_the_training_recipe(tiny_cfg, small):
     assert "| batch size | 16 per process x 1 accumulation |" in card
     assert "| video | logit-normal(mu 0.0, sigma 1.0), shift 3.0 | 0.1 |" in card
     assert "| image | uniform | 0.25 |" in card and "| av | uniform | video 0.1, audio 0.5 |" in card
+    assert "50 warm-up steps, then constant; grad clip" in card  # the tiny preset's schedule
+    cases = [("linear", 0, "linear decay to 0"),
+             ("cosine", 800, "constant, then cosine decay to 0 over the last 800 steps")]  # fmt: skip
+    for schedule, decay, says in cases:
+        cfg["train"] |= {"schedule": schedule, "decay_steps": decay}
+        card = hub.render_model_card(hub.CardInfo(small.params, 1, cfg))
+        assert f"50 warm-up steps, then {says}; grad clip" in card
 
 
 def test_model_card_with_nothing_optional(small):
