@@ -77,6 +77,7 @@ def export_snapshot(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ckpt, out = resolve_checkpoint(ckpt), Path(out)
+    _check_replaceable(out)
     cfg = load_config(ckpt / "config.yaml")
     state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in load_weights(ckpt, weights).items()}
     step = json.loads((ckpt / "state.json").read_text()).get("step")
@@ -115,6 +116,19 @@ def _save_transformer(folder: Path, cfg: Config, state: dict[str, Tensor]) -> MM
     model.save_pretrained(folder / TRANSFORMER)
     (folder / TRANSFORMER / CARD).unlink(missing_ok=True)  # the folder's one card is README.md at the top
     return params
+
+
+def _check_replaceable(out: Path) -> None:
+    """An export replaces only an earlier model folder (it has snapshot.json) or an empty folder: never
+    a file, or a folder of something else that `--out` named by mistake."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not out.is_symlink() and ((out / INFO).is_file() or not any(out.iterdir())):
+        return
+    raise ValueError(
+        f"{out} exists and is not a model folder (no {INFO}): not replacing it; remove it or choose "
+        "another --out"
+    )
 
 
 def _replace(tmp: Path, out: Path) -> None:

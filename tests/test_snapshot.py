@@ -93,6 +93,19 @@ def test_export_replaces_a_previous_snapshot_whole(av_ckpt, tmp_path, capsys):
     assert export_cli.main([str(av_ckpt), "--out", str(out)]) == 0
     assert json.loads((out / INFO).read_text())["dtype"] == "float16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snap"]  # no temporary or old copies left
+    # anything else at --out is left alone: a file, a folder of other things (empty folders are fine)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "keep.py").write_text("mine")
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    for name in ("notes.txt", "work"):
+        assert export_cli.main([str(av_ckpt), "--out", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not a model folder (no snapshot.json)" in err
+    assert (tmp_path / "notes.txt").read_text() == (tmp_path / "work" / "keep.py").read_text() == "mine"
+    assert export_cli.main([str(av_ckpt), "--out", str(tmp_path / "empty")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notes.txt", "snap", "work"]
 
 
 def test_the_default_model_is_small_and_intact():

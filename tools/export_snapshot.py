@@ -9,7 +9,8 @@ used). The folder holds the model card (README.md), `transformer/` (MMDiT.from_p
 (a diffusers scheduler config), the resolved config, the codecs and snapshot.json with every file's
 sha256 (inference/snapshot.py). `--data` / `--limitations` take text or a text file for the card;
 `--metrics` takes a tools/evaluate.py report, whose sample scores and protocol go into the card's table.
-It is written beside --out and renamed into place, so a failed export changes nothing. Publishing is
+It is written beside --out and renamed into place, so a failed export changes nothing; --out may be
+new, an empty folder or an earlier model folder (with snapshot.json), never anything else. Publishing is
 yours: `huggingface-cli upload USER/NAME models/av` (or `MMDiT.push_to_hub` for the transformer alone).
 """
 
